@@ -110,9 +110,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, where.item(i)) for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, where.item(i)) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -165,10 +165,10 @@ def _from_dict(cls: type[T], data: dict, where: str) -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{where}: unknown key '{_join(where, unknown[0])}' (known keys here: {known})")
+        raise ConfigError(f"{where.source}: unknown key '{where.child(unknown[0]).key}' (known keys here: {known})")
     kwargs = {}
     for name, value in data.items():
-        key_where = _join(where, name)
+        key_where = where.child(name)
         coerced = _coerce(value, hints[name], key_where)
         _check_range(coerced, fields[name].metadata, key_where)
         kwargs[name] = coerced
@@ -185,11 +185,19 @@ def _from_dict(cls: type[T], data: dict, where: str) -> T:
     return obj
 
 
-def _join(where: str, key: str) -> str:
-    # `where` is "<file>" or "<file>: a.b"; keys are reported as dotted paths.
-    if ": " in where:
-        return f"{where.split(': ', 1)[1]}.{key}"
-    return key
+class _Where(str):
+    """A location in a config: the file it came from and the dotted key path; prints as `file: a.b`."""
+
+    def __new__(cls, source: str, key: str = ""):
+        obj = super().__new__(cls, f"{source}: {key}" if key else source)
+        obj.source, obj.key = source, key
+        return obj
+
+    def child(self, name: str) -> "_Where":
+        return _Where(self.source, f"{self.key}.{name}" if self.key else name)
+
+    def item(self, index: int) -> "_Where":
+        return _Where(self.source, f"{self.key}[{index}]")
 
 
 # --------------------------------------------------------------------------- public API
@@ -255,7 +263,7 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>") -> T:
     """Validate a plain mapping into `cls`; errors read `<source>: <key path>: <problem>`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-    return _from_dict(cls, data, source)
+    return _from_dict(cls, data, _Where(source))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:

@@ -307,6 +307,9 @@ class TrainSession:
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step_{step:07d}")
             if step == self.run.crash_after_step and self._restored_step != step:
+                # The controller registers reported checkpoints on its poll (every ~2 s): wait past two polls so the
+                # crash happens "after a checkpoint", as in the failure this knob simulates.
+                time.sleep(5.0)
                 print(f"[{self.run.name}] fault injection: exiting after checkpoint at step {step}", flush=True)
                 sys.stdout.flush()
                 os._exit(1)

@@ -1,0 +1,433 @@
+"""Supervised classifier (CIFAR-style ResNet, models/resnet_cifar.py) on labelled images, on Ray Train DDP.
+
+Fast-AD's teacher: a ResNet trained with cross-entropy on labelled synthetic wafer maps (the nine WM-811K classes),
+or on CIFAR-100 when a user has it as a Parquet "image" dataset. The same trainer gives the "student trained on real
+data" reference (a smaller arch on the same data).
+
+    L = −log softmax(f(x))_y  (+ label smoothing), SGD with momentum, linear warm-up then cosine decay.
+
+Input encodings (one place; Fast-AD, serve/ and the benchmarks use the same functions):
+  * wafer maps ("wafer" kind, values 0 off-wafer / 1 pass / 2 fail) → one channel x = value − 1 ∈ {−1, 0, +1};
+  * images ("image" kind, uint8 CHW) → x = value / 127.5 − 1 ∈ [−1, 1].
+Both ranges are [−1, 1], the range the DDPM (trainers/ddpm.py) generates in.
+
+Wafer-map augmentation: the 8 symmetries of the square (flips, 90° rotations) keep every WM-811K class.
+
+Two ways to run it:
+  * `python -m apps.train classifier --config configs/classifier_wafer.yaml` → `train(cfg)` on Ray Train
+    (data generated into the run folder unless `data.uri` is given; checkpoints and resume via trainers/launch.py);
+  * in-process helpers (`fit_classifier`, `evaluate_top1`) for benchmarks and tests.
+
+The exported checkpoint (`<run>/model/`) holds `state["model"]` and meta
+{"kind": "classifier", "arch", "num_classes", "in_channels", "encoding", "classes"}: `load_classifier(path)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fabdistill.config import ConfigError, knob, section
+from models.resnet_cifar import RESNET_ARCHS, ResNet, build_resnet, resnet_from_meta
+from trainers.launch import RunSection, TrainOutcome, TrainSession, launch, load_state, resolve_checkpoint, \
+    save_state
+
+ENCODINGS = ("wafer_pm1", "image_pm1")  # see the module docstring
+
+
+####################################################################################################################
+# Encodings and data
+####################################################################################################################
+
+
+def encode_wafer(maps: np.ndarray | Tensor) -> Tensor:
+    """Wafer maps (N, H, W) with values {0 off, 1 pass, 2 fail} → float (N, 1, H, W) in {−1, 0, +1}."""
+    t = torch.as_tensor(np.asarray(maps) if not isinstance(maps, Tensor) else maps)
+    if t.ndim != 3:
+        raise ValueError(f"wafer maps must be (N, H, W), got shape {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
+        raise ValueError(f"wafer map values must be 0, 1 or 2, got range [{int(t.min())}, {int(t.max())}]")
+    return (t.float() - 1.0).unsqueeze(1)  # (N, 1, H, W)
+
+
+def decode_wafer(x: Tensor) -> Tensor:
+    """Network-range images (N, 1, H, W) → wafer maps (N, H, W) uint8 in {0, 1, 2} (nearest level)."""
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected (N, 1, H, W), got {tuple(x.shape)}")
+    return (x[:, 0].clamp(-1, 1).round() + 1).to(torch.uint8)  # (N, H, W)
+
+
+def encode_images(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 images (N, C, H, W) → float (N, C, H, W) in [−1, 1]."""
+    t = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
+    if t.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(t.shape)}")
+    return t.float() / 127.5 - 1.0
+
+
+def _column_array(values: Any, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype == object:  # Ray Data may hand fixed-size lists as an object array of flat arrays
+        arr = np.stack([np.asarray(v) for v in arr]) if n else np.zeros((0, *shape))
+    return arr.reshape((n, *shape))
+
+
+def batch_to_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor, str]:
+    """A numpy batch of Parquet rows ("wafer" or "image" kind) → (x (B, C, H, W) in [−1, 1], labels (B,), encoding).
+
+    Rows with a negative (unknown) label are kept with label −1; callers that need labels drop them.
+    """
+    if "wafer_map" in batch:
+        labels = np.asarray(batch["label"]).astype(np.int64).reshape(-1)
+        n = labels.shape[0]
+        h, w = (int(np.asarray(batch[k]).reshape(-1)[0]) for k in ("height", "width")) if n else (1, 1)
+        x = encode_wafer(_column_array(batch["wafer_map"], n, (h, w)).astype(np.uint8))
+        return x, torch.from_numpy(labels), "wafer_pm1"
+    if "image" in batch:
+        labels = np.asarray(batch["label"]).astype(np.int64).reshape(-1)
+        n = labels.shape[0]
+        c, h, w = (int(np.asarray(batch[k]).reshape(-1)[0]) for k in ("channels", "height", "width")) \
+            if n else (1, 1, 1)
+        x = encode_images(_column_array(batch["image"], n, (c, h, w)).astype(np.uint8))
+        return x, torch.from_numpy(labels), "image_pm1"
+    raise KeyError(f"batch has neither a 'wafer_map' nor an 'image' column (has {sorted(batch)})")
+
+
+def table_to_tensors(table: Any) -> tuple[Tensor, Tensor, str]:
+    """A whole pyarrow Table ("wafer" or "image" kind) → (x, labels, encoding) as in batch_to_tensors."""
+    img = "wafer_map" if "wafer_map" in table.column_names else "image"
+    cols = [c for c in (img, "label", "channels", "height", "width") if c in table.column_names]
+    batch = {c: (table[c].combine_chunks().flatten().to_numpy(zero_copy_only=False) if c == img
+                 else table[c].to_numpy()) for c in cols}
+    return batch_to_tensors(batch)
+
+
+def wafer_tensors(n: int, seed: int, size: int = 32,
+                  class_weights: Optional[list[float]] = None) -> tuple[Tensor, Tensor]:
+    """n generated wafer maps as (x (n, 1, size, size) in {−1, 0, 1}, labels (n,) long)."""
+    from data.wafer import generate_wafer
+
+    table = generate_wafer(n, seed=seed, size=size, class_weights=class_weights or None)
+    x, y, _ = table_to_tensors(table)
+    return x, y
+
+
+def random_dihedral(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Apply one of the 8 square symmetries (rot90^k, optional flip) per sample: (N, C, H, W) → (N, C, H, W)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"random_dihedral needs square images, got {tuple(x.shape)}")
+    choice = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    out = x.clone()
+    for g in range(1, 8):
+        idx = (choice == g).nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            continue
+        xi = torch.rot90(x[idx], k=g % 4, dims=(-2, -1))
+        out[idx] = torch.flip(xi, dims=(-1,)) if g >= 4 else xi
+    return out
+
+
+####################################################################################################################
+# Loss, schedule, one step, evaluation
+####################################################################################################################
+
+
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    # L = −Σ_c q_c log softmax(z)_c with q = (1−ε)·onehot(y) + ε/C (mean over the batch)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up then cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (sgd or adamw)")
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, lr: float,
+               label_smoothing: float = 0.0) -> tuple[float, int]:
+    """One SGD step; returns (loss, number of correct predictions in the batch)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    logits = model(x)  # (B, K)
+    loss = classification_loss(logits, y, label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Eval-mode logits (N, K), in chunks; restores the model's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return out
+
+
+def evaluate_top1(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1] on (x (N, C, H, W), y (N,))."""
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need matching non-empty x and y, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return float((predict_logits(model, x, batch_size).argmax(1) == y.cpu()).float().mean())
+
+
+def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, batch_size: int = 128,
+                   lr: float = 0.05, weight_decay: float = 5e-4, optimizer: str = "sgd", augment: bool = True,
+                   label_smoothing: float = 0.0, seed: int = 0, log_every: int = 0) -> list[dict[str, float]]:
+    """In-process supervised training on tensors (benchmarks, tests). Returns one dict per epoch."""
+    if x.shape[0] < batch_size:
+        raise ValueError(f"{x.shape[0]} samples are fewer than batch_size {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    steps_per_epoch = x.shape[0] // batch_size
+    total, step, history = epochs * steps_per_epoch, 0, []
+    for epoch in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=gen)
+        loss_sum, correct = 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            xb = random_dihedral(x[idx], gen) if augment else x[idx]
+            loss, ok = train_step(model, opt, xb, y[idx], lr_at(step, total, lr, steps_per_epoch // 2),
+                                  label_smoothing)
+            loss_sum, correct, step = loss_sum + loss, correct + ok, step + 1
+        history.append({"epoch": epoch, "loss": loss_sum / steps_per_epoch,
+                        "train_acc": correct / (steps_per_epoch * batch_size)})
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"[classifier] epoch {epoch + 1}/{epochs} loss={history[-1]['loss']:.4f} "
+                  f"train_acc={history[-1]['train_acc']:.3f}", flush=True)
+    model.eval()
+    return history
+
+
+####################################################################################################################
+# Checkpoints
+####################################################################################################################
+
+
+def classifier_meta(model: ResNet, encoding: str, classes: Optional[list[str]] = None) -> dict[str, Any]:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; one of {ENCODINGS}")
+    return {"kind": "classifier", **model.meta(), "encoding": encoding,
+            "classes": list(classes) if classes else [str(i) for i in range(model.num_classes)]}
+
+
+def save_classifier(directory: str, model: ResNet, encoding: str, classes: Optional[list[str]] = None,
+                    extra_meta: Optional[dict[str, Any]] = None) -> None:
+    """A fabdistill checkpoint folder (state.pt with state["model"], meta.json) that load_classifier reads."""
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    save_state(directory, state, {**classifier_meta(model, encoding, classes), **(extra_meta or {})})
+
+
+def load_classifier(path: str, map_location: str | torch.device = "cpu") -> tuple[ResNet, dict[str, Any]]:
+    """(model in eval mode, meta) from a checkpoint folder or a run folder (its model/ or newest checkpoint)."""
+    state, meta = load_state(resolve_checkpoint(path), map_location=map_location)
+    if meta.get("kind") != "classifier" or "model" not in state:
+        raise ValueError(f"{path}: not a classifier checkpoint (meta kind {meta.get('kind')!r})")
+    model = resnet_from_meta(meta)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval(), meta
+
+
+####################################################################################################################
+# Config
+####################################################################################################################
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Labelled data: generated wafer maps (default) or a Parquet dataset ("wafer" or "image" kind)."""
+
+    uri: Optional[str] = knob(None, help="Parquet dataset (local or s3://) with labels; None generates wafer maps")
+    eval_uri: Optional[str] = knob(None, help="held-out Parquet dataset; None generates held-out wafer maps")
+    n_train: int = knob(6000, ge=1, help="generated training maps (when uri is None)")
+    n_eval: int = knob(1000, ge=0, help="generated held-out maps (when eval_uri is None); 0 skips evaluation")
+    seed: int = knob(1, ge=0, help="generator seed of the training maps")
+    eval_seed: int = knob(9001, ge=0, help="generator seed of the held-out maps (Fast-AD evaluates on the same)")
+    size: int = knob(32, ge=8, le=256, help="wafer map size (pixels per side)")
+    class_weights: list[float] = knob([], help="class mix of generated maps (9 weights, WAFER_CLASSES order); "
+                                               "[] is uniform")
+
+
+@dataclasses.dataclass
+class ModelSection:
+    arch: str = knob("resnet20", choices=tuple(RESNET_ARCHS), help="ResNet size (models/resnet_cifar.py)")
+    num_classes: int = knob(9, ge=2, help="classes (9 WM-811K wafer classes, 100 for CIFAR-100)")
+    in_channels: int = knob(1, ge=1, le=4, help="1 for wafer maps, 3 for CIFAR")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    epochs: int = knob(15, ge=1, help="passes over the training data")
+    batch_size: int = knob(128, ge=1, help="per-worker batch size")
+    optimizer: str = knob("sgd", choices=("sgd", "adamw"))
+    lr: float = knob(0.05, gt=0, le=10, help="peak learning rate (linear warm-up, cosine decay)")
+    weight_decay: float = knob(5e-4, ge=0, le=1)
+    warmup_steps: int = knob(50, ge=0)
+    label_smoothing: float = knob(0.0, ge=0, lt=1)
+    augment: bool = knob(True, help="random flips / 90° rotations (label-preserving for wafer maps)")
+    checkpoint_every_epochs: int = knob(1, ge=1)
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataSection = section(DataSection)
+    model: ModelSection = section(ModelSection)
+    optim: OptimSection = section(OptimSection)
+    run: RunSection = section(RunSection)
+
+    def check(self) -> None:
+        if self.data.class_weights and len(self.data.class_weights) != 9:
+            raise ConfigError(f"data.class_weights needs 9 weights (WAFER_CLASSES order), "
+                              f"got {len(self.data.class_weights)}")
+
+
+####################################################################################################################
+# Ray Train loop
+####################################################################################################################
+
+
+def _with_last(it: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    it = iter(it)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def loop(config: dict) -> None:
+    """Per-worker loop run by trainers.launch.launch: DDP, Ray Data shard, checkpoint per epoch, resume."""
+    sess = TrainSession.current()
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    net = build_resnet(config["arch"], config["num_classes"], config["in_channels"])
+    model = sess.prepare(net)
+    net = getattr(model, "module", model)
+    opt = make_optimizer(model, config["optimizer"], config["lr"], config["weight_decay"])
+    start_epoch, step = 0, 0
+    restored = sess.restore()
+    if restored is not None:
+        state, meta = restored
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = int(meta["epoch"]) + 1, int(meta["step"])
+
+    eval_x = eval_y = None
+    if sess.is_main and config["eval"] is not None:
+        eval_x, eval_y = _eval_tensors(config["eval"])
+
+    gen = torch.Generator().manual_seed(config["seed"] * 7919 + sess.rank)
+    total = config["epochs"] * config["steps_per_epoch"]
+    shard = sess.dataset("train")
+    encoding = "wafer_pm1"
+    for epoch in range(start_epoch, config["epochs"]):
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches = shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=4 * config["batch_size"],
+                                     local_shuffle_seed=config["seed"] * 10_007 + epoch * 101 + sess.rank)
+        for batch, _ in _with_last(batches):
+            x, y, encoding = batch_to_tensors(batch)
+            keep = y >= 0
+            x, y = x[keep], y[keep]
+            if config["augment"]:
+                x = random_dihedral(x, gen)
+            loss, ok = train_step(model, opt, x.to(sess.device), y.to(sess.device),
+                                  lr_at(step, total, config["lr"], config["warmup_steps"]), config["label_smoothing"])
+            step += 1
+            loss_sum, correct, seen = loss_sum + loss * y.shape[0], correct + ok, seen + y.shape[0]
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                                   "train_acc": correct / max(seen, 1)}
+        if eval_x is not None:
+            metrics["heldout_top1"] = evaluate_top1(net, eval_x, eval_y)
+        checkpoint = epoch == config["epochs"] - 1 or (epoch + 1) % config["checkpoint_every_epochs"] == 0
+        state = None
+        if checkpoint:  # every rank takes the checkpoint branch of report(); only rank 0's state is written
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict()} if sess.is_main else {}
+        meta = {**classifier_meta(net, encoding, config["classes"]), "epoch": epoch}
+        sess.report(metrics, step=step, state=state, meta=meta)
+
+
+def _eval_tensors(spec: dict) -> tuple[Tensor, Tensor]:
+    if spec.get("uri"):
+        from data.parquet_io import read_dataset
+
+        x, y, _ = table_to_tensors(read_dataset(spec["uri"]))
+        keep = y >= 0
+        return x[keep], y[keep]
+    return wafer_tensors(spec["n"], spec["seed"], spec["size"])
+
+
+def _count_rows(uri: str) -> int:
+    from data.parquet_io import read_dataset
+
+    labels = read_dataset(uri, columns=["label"]).column(0).to_numpy()
+    n = int((labels >= 0).sum())
+    if n == 0:
+        raise ValueError(f"{uri}: no labelled rows")
+    return n
+
+
+def train(cfg: Config) -> TrainOutcome:
+    """Generate (or take) the labelled Parquet data and run `loop` on Ray Train; the final checkpoint is exported
+    to `<storage_path>/<name>/model/` (load it with load_classifier)."""
+    from data.parquet_io import write_dataset
+    from data.wafer import WAFER_CLASSES, generate_wafer
+    from fabdistill import storage
+    from trainers.launch import run_dir
+
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    out = run_dir(cfg.run)
+    uri = d.uri
+    classes: Optional[list[str]] = None
+    if uri is None:
+        if m.num_classes != len(WAFER_CLASSES) or m.in_channels != 1:
+            raise ConfigError(f"generated wafer maps need model.num_classes={len(WAFER_CLASSES)} and "
+                              f"model.in_channels=1 (got {m.num_classes}, {m.in_channels}); set data.uri for "
+                              f"other data")
+        uri = storage.join(out, "data", "train")
+        if not storage.exists(uri):  # deterministic by seed, so a resumed run sees the same data
+            write_dataset(generate_wafer(d.n_train, seed=d.seed, size=d.size, class_weights=d.class_weights or None),
+                          uri, "wafer")
+        classes = list(WAFER_CLASSES)
+    rows = _count_rows(uri)
+    workers = max(1, cfg.run.num_workers)
+    steps_per_epoch = rows // (o.batch_size * workers)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{uri}: {rows} labelled rows are fewer than batch_size × workers = "
+                          f"{o.batch_size} × {workers}")
+    eval_spec = None
+    if d.eval_uri is not None:
+        eval_spec = {"uri": d.eval_uri}
+    elif d.n_eval > 0 and d.uri is None:
+        eval_spec = {"n": d.n_eval, "seed": d.eval_seed, "size": d.size}
+    loop_config = {
+        "arch": m.arch, "num_classes": m.num_classes, "in_channels": m.in_channels, "epochs": o.epochs,
+        "batch_size": o.batch_size, "optimizer": o.optimizer, "lr": o.lr, "weight_decay": o.weight_decay,
+        "warmup_steps": o.warmup_steps, "label_smoothing": o.label_smoothing, "augment": o.augment,
+        "checkpoint_every_epochs": o.checkpoint_every_epochs, "steps_per_epoch": steps_per_epoch,
+        "seed": cfg.run.seed, "eval": eval_spec, "classes": classes,
+    }
+    return launch(loop, loop_config, cfg.run, datasets={"train": uri}, full_config=cfg)
