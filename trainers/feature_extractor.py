@@ -176,10 +176,10 @@ def accuracy(net: DomainFeatureNet, x: torch.Tensor, y: torch.Tensor, domain: st
 @dataclasses.dataclass
 class TrainerSection:
     domain: str = knob("overlay", choices=DOMAINS, help="overlay | wafer | sem: which data and label")
-    size: str = knob("M", choices=tuple(FEATURE_NET_SIZES), help="network size (models/feature_extractor.py)")
-    epochs: int = knob(8, ge=1, le=10_000, help="passes over the training data")
+    size: str = knob("S", choices=tuple(FEATURE_NET_SIZES), help="network size (models/feature_extractor.py)")
+    epochs: int = knob(6, ge=1, le=10_000, help="passes over the training data")
     batch_size: int = knob(128, ge=2, le=65_536, help="per-worker batch size")
-    lr: float = knob(2e-3, gt=0, le=1, help="AdamW peak learning rate (warm-up 5 %, cosine decay)")
+    lr: float = knob(3e-3, gt=0, le=1, help="AdamW peak learning rate (warm-up 5 %, cosine decay)")
     weight_decay: float = knob(1e-4, ge=0, le=1, help="AdamW weight decay")
     checkpoint_every: int = knob(50, ge=1, help="optimizer steps between checkpoints (also at every epoch end)")
     shuffle_buffer: int = knob(1024, ge=0, help="rows in each worker's local shuffle buffer (0: no shuffle)")
@@ -189,7 +189,7 @@ class TrainerSection:
 class DataSection:
     uri: Optional[str] = knob(None, help="Parquet dataset of the domain's kind; None: generate one in the run folder")
     val_uri: Optional[str] = knob(None, help="held-out Parquet dataset; None: generated when `uri` is generated")
-    n: int = knob(8192, ge=16, help="training samples to generate (when uri is None)")
+    n: int = knob(4096, ge=16, help="training samples to generate (when uri is None)")
     n_val: int = knob(1024, ge=0, help="held-out samples to generate (when uri is None)")
     seed: int = knob(0, ge=0, help="generator seed; the held-out set uses seed + 1")
     size: int = knob(32, ge=16, le=512, help="image height = width of generated data (SEM: 64 is typical)")
@@ -407,7 +407,7 @@ def export_feature_extractor(domain: str, path: str, seed: int = 0, **overrides:
     net, result = _fit(domain, seed=seed, **recipe)
     cmd = f"python -m trainers.feature_extractor --domain {domain} --export {path} --seed {seed}"
     save_feature_net(path, net, domain, class_names(domain, net.num_classes),
-                     extra={**result, "command": cmd, "torch": torch.__version__})
+                     extra={**result, "command": cmd, "torch": str(torch.__version__)})
     return result
 
 

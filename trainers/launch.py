@@ -273,6 +273,22 @@ class TrainSession:
             raise KeyError(f"dataset '{name}' was not passed to launch(datasets=...)")
         return shard
 
+    def load_shard(self, name: str, kind: str, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+        """This worker's whole shard as tensors in memory (shapes as in data/datasets.py).
+
+        Our datasets are small next to a worker's memory, and many short epochs over an in-memory tensor are far
+        faster than re-streaming Parquet through Ray Data each epoch.
+        """
+        from data.datasets import batch_to_tensors
+
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in self.dataset(name).iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for key, value in batch_to_tensors(batch, kind).items():
+                parts.setdefault(key, []).append(value)
+        if not parts:
+            raise ValueError(f"dataset '{name}' gave worker {self.rank} no rows (fewer rows than workers?)")
+        return {key: torch.cat(values) for key, values in parts.items()}
+
     # --- checkpoints
     def restore(self) -> Optional[tuple[dict, dict]]:
         """(state, meta) of the latest checkpoint of this run, or None on a fresh start."""

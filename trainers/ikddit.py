@@ -1,0 +1,517 @@
+"""IKDDiT: Implicit Knowledge Distillation Diffusion Transformer for photolithography overlay maps.
+
+Teacher DiT sees every patch token; the student encoder sees only the visible tokens (mask ratio 0.5) and a
+light decoder restores the grid; an implicit discriminator on tokens aligns student with teacher. Eq. 8:
+L = L_DSM + λ1·L_MAE + λ2·L_D, with InfoNCE aligning image and context embeddings while the teacher trains.
+
+Parameterisation. Networks predict x0 (the clean map) rather than ε. A masked student cannot know the noise
+on patches it never sees (ε is i.i.d. per pixel), but it can infer their clean values from the visible ones:
+overlay maps are smooth, low-order fields plus equipment fingerprints. ε for the sampler is then recovered
+from the full x_t, so student-only sampling on the visible tokens of each step is well posed. (DiT #89 also
+reports x0 converging on custom data where ε did not.) `model.prediction: eps` keeps the ε variant.
+
+Phases: `teacher` trains teacher + contrastive embedding; `student` freezes them and distills; `both` runs the
+two as separate Ray Train runs (`<name>-teacher`, `<name>-student`), each resumable on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fabdistill.config import knob, section
+from models.diffusion import GaussianDiffusion
+from models.dit import DIT_SIZES, build_dit, unpatchify
+from trainers.launch import RunSection, TrainOutcome, TrainSession, launch, load_state, resolve_checkpoint
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclasses.dataclass
+class DataSection:
+    train_uri: str = knob("", help="overlay Parquet dataset (local or s3://); empty: generate num_train maps")
+    num_train: int = knob(4096, ge=16, le=10_000_000, help="synthetic maps when train_uri is empty")
+    seed: int = knob(0, ge=0, help="generator seed of the synthetic training set")
+    map_size: int = knob(32, choices=(16, 32, 64), help="H = W of the rasterised maps")
+
+
+@dataclasses.dataclass
+class ModelSection:
+    size: str = knob("tiny", choices=tuple(DIT_SIZES), help="named size (models/dit.py DIT_SIZES)")
+    patch_size: int = knob(0, ge=0, le=16, help="0: the size's default")
+    decoder_depth: int = knob(0, ge=0, le=16, help="student decoder blocks; 0: the size's default")
+    prediction: str = knob("x0", choices=("x0", "eps"), help="what the networks predict (see module docstring)")
+    num_timesteps: int = knob(1000, ge=10, le=4000)
+    schedule: str = knob("linear", choices=("linear", "cosine"))
+    beta_start: float = knob(1e-4, gt=0, lt=1)
+    beta_end: float = knob(0.02, gt=0, lt=1)
+    log_dim: int = knob(128, ge=8, le=4096, help="equipment-log vector width")
+    num_ids: int = knob(1000, ge=1, le=1_000_000, help="equipment IDs")
+
+
+@dataclasses.dataclass
+class TeacherSection:
+    steps: int = knob(2000, ge=1, le=10_000_000)
+    batch_size: int = knob(64, ge=1, le=8192, help="per worker")
+    lr: float = knob(3e-4, gt=0, le=1)
+    weight_decay: float = knob(0.0, ge=0, le=1)
+    ema_decay: float = knob(0.999, ge=0, lt=1)
+    infonce_weight: float = knob(0.1, ge=0, le=100, help="weight of InfoNCE (image vs equipment context)")
+    infonce_temperature: float = knob(0.07, gt=0, le=10)
+    grad_clip: float = knob(1.0, ge=0, help="0: off")
+    checkpoint_every: int = knob(500, ge=1)
+    log_every: int = knob(100, ge=1)
+
+
+@dataclasses.dataclass
+class StudentSection:
+    steps: int = knob(2000, ge=1, le=10_000_000)
+    batch_size: int = knob(64, ge=1, le=8192, help="per worker")
+    lr: float = knob(3e-4, gt=0, le=1)
+    disc_lr: float = knob(1e-4, gt=0, le=1)
+    mask_ratio: float = knob(0.5, ge=0, lt=1, help="fraction of patch tokens hidden from the student encoder")
+    lambda1: float = knob(1.0, ge=0, le=1000, help="weight of L_MAE (Eq. 8)")
+    lambda2: float = knob(0.1, ge=0, le=1000, help="weight of the implicit discriminator term L_D (Eq. 8)")
+    ema_decay: float = knob(0.999, ge=0, lt=1)
+    init_from_teacher: bool = knob(True, help="copy the teacher's weights into the student's encoder")
+    grad_clip: float = knob(1.0, ge=0)
+    checkpoint_every: int = knob(500, ge=1)
+    log_every: int = knob(100, ge=1)
+
+
+@dataclasses.dataclass
+class Config:
+    phase: str = knob("both", choices=("teacher", "student", "both"))
+    teacher_checkpoint: str = knob("", help="teacher checkpoint or run folder, for phase=student")
+    data: DataSection = section(DataSection)
+    model: ModelSection = section(ModelSection)
+    teacher: TeacherSection = section(TeacherSection)
+    student: StudentSection = section(StudentSection)
+    run: RunSection = section(RunSection)
+
+    def check(self) -> None:
+        from fabdistill.config import ConfigError
+
+        if self.phase == "student" and not self.teacher_checkpoint:
+            raise ConfigError("phase 'student' needs teacher_checkpoint (a teacher checkpoint or run folder)")
+        if self.model.beta_end <= self.model.beta_start:
+            raise ConfigError("model.beta_end must be larger than model.beta_start")
+
+
+# --------------------------------------------------------------------------- losses (Eq. numbers of the IKDDiT paper)
+
+def dsm_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L_DSM, Eq. 8 first term: mean squared error of the denoiser output, over pixels where weight = 1."""
+    err = (pred - target) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def mae_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """L_MAE, Eq. 8 second term: L1 between student and (frozen) teacher outputs on the masked pixels."""
+    masked = masked.expand_as(student_out)
+    return ((student_out - teacher_out).abs() * masked).sum() / masked.sum().clamp_min(1.0)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Implicit discriminator objective: teacher tokens are real (1), student tokens fake (0)."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                  + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """L_D, Eq. 8 third term (non-saturating): the student wants its tokens judged teacher-like."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def infonce_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """InfoNCE on L2-normalised embeddings, symmetric: row i of z_a matches row i of z_b (the diagonal)."""
+    a, b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
+    logits = a @ b.t() / temperature  # (N, N)
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def token_mask_to_pixels(mask: torch.Tensor, patch_size: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """(N, L) bool token mask -> (N, 1, H, W) float pixel mask (1 on masked patches)."""
+    tokens = mask.float().unsqueeze(-1).expand(-1, -1, patch_size * patch_size * channels)
+    return unpatchify(tokens, patch_size, channels, height, width)[:, :1]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def make_diffusion(model: dict) -> GaussianDiffusion:
+    return GaussianDiffusion(num_timesteps=model["num_timesteps"], schedule=model["schedule"],
+                             beta_start=model["beta_start"], beta_end=model["beta_end"])
+
+
+def build_networks(model: dict, map_size: int) -> dict[str, nn.Module]:
+    overrides = {}
+    if model.get("decoder_depth"):
+        overrides["decoder_depth"] = model["decoder_depth"]
+    return build_dit(model["size"], input_size=map_size, in_channels=2, patch_size=model.get("patch_size") or None,
+                     log_dim=model["log_dim"], num_ids=model["num_ids"], **overrides)
+
+
+def target_of(diffusion: GaussianDiffusion, prediction: str, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return x0 if prediction == "x0" else noise
+
+
+def eps_from_output(diffusion: GaussianDiffusion, prediction: str, x_t: torch.Tensor, t: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    return diffusion.predict_eps(x_t, t, out) if prediction == "x0" else out
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class TeacherObjective(nn.Module):
+    """Teacher + contrastive embedding as one module, so DDP syncs both; forward returns the loss terms."""
+
+    def __init__(self, teacher: nn.Module, embedding: nn.Module):
+        super().__init__()
+        self.teacher, self.embedding = teacher, embedding
+
+    def forward(self, x0: torch.Tensor, log: torch.Tensor, equipment_id: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, diffusion: GaussianDiffusion, prediction: str, valid: torch.Tensor,
+                temperature: float) -> dict[str, torch.Tensor]:
+        cond = self.embedding(log, equipment_id, image=x0)
+        x_t = diffusion.q_sample(x0, t, noise)  # (N, 2, H, W)
+        out = self.teacher(x_t, t, cond["cond_tokens"], cond["cond_vec"])  # (N, 2, H, W)
+        return {"loss_dsm": dsm_loss(out, target_of(diffusion, prediction, x0, noise), valid),
+                "loss_infonce": infonce_loss(cond["z_image"], cond["z_context"], temperature)}
+
+
+class StudentWithEmbedding(nn.Module):
+    """The deployable student: frozen contrastive embedding + masked student DiT."""
+
+    def __init__(self, student: nn.Module, embedding: nn.Module):
+        super().__init__()
+        self.student, self.embedding = student, embedding
+
+    def forward(self, x_t, t, log, equipment_id, mask_ratio, generator=None):
+        cond = self.embedding(log, equipment_id)
+        return self.student(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio, generator=generator)
+
+
+# --------------------------------------------------------------------------- per-worker loops
+
+def _batches(data: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator):
+    n = next(iter(data.values())).shape[0]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            idx = order[i:i + batch_size]
+            yield {k: v[idx] for k, v in data.items()}
+
+
+def _prepare_batch(batch: dict, scale_nm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    x0 = (batch["overlay"] / scale_nm).to(device)
+    return x0, batch["log"].to(device), batch["equipment_id"].to(device), batch["valid"].to(device)
+
+
+def teacher_loop(config: dict) -> None:
+    sess = TrainSession.current()
+    tc, model_cfg = config["teacher"], config["model"]
+    torch.manual_seed(sess.run.seed)  # identical init on every worker (DDP also broadcasts)
+    nets = build_networks(model_cfg, config["map_size"])
+    objective = TeacherObjective(nets["teacher"], nets["embedding"])
+    ema = copy.deepcopy(objective).requires_grad_(False)
+    opt = torch.optim.AdamW(objective.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    start = 0
+    restored = sess.restore()
+    if restored is not None:
+        state, meta = restored
+        objective.load_state_dict(state["objective"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = meta["step"]
+    model = sess.prepare(objective, find_unused_parameters=True)  # null tokens serve only CFG dropout
+    ema.to(sess.device)
+    diffusion = make_diffusion(model_cfg)
+    data = sess.load_shard("train", "overlay")
+    gen = torch.Generator().manual_seed(sess.run.seed * 1000 + sess.rank + start)
+    batches = _batches(data, tc["batch_size"], gen)
+    running: dict[str, float] = {}
+    for step in range(start + 1, tc["steps"] + 1):
+        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
+        t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
+        noise = torch.randn(x0.shape, generator=gen).to(sess.device)
+        terms = model(x0, log, eid, t, noise, diffusion, model_cfg["prediction"], valid, tc["infonce_temperature"])
+        loss = terms["loss_dsm"] + tc["infonce_weight"] * terms["loss_infonce"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+        opt.step()
+        ema_update(ema, objective, tc["ema_decay"])
+        _accumulate(running, {"loss": loss, **terms})
+        if step % tc["log_every"] == 0 or step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
+            metrics = _mean(running)
+            state = None
+            if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
+                state = {"objective": objective.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "teacher": ema.teacher.state_dict(), "embedding": ema.embedding.state_dict()}
+            sess.report(metrics, step=step, state=state if sess.is_main else None,
+                        meta=_meta(config, "teacher") if state is not None else None)
+
+
+def student_loop(config: dict) -> None:
+    import ray
+
+    sess = TrainSession.current()
+    sc, model_cfg = config["student"], config["model"]
+    torch.manual_seed(sess.run.seed)
+    nets = build_networks(model_cfg, config["map_size"])
+    teacher_state = ray.get(config["teacher_state_ref"]) if "teacher_state_ref" in config else config["teacher_state"]
+    teacher, embedding = nets["teacher"], nets["embedding"]
+    teacher.load_state_dict(teacher_state["teacher"])
+    embedding.load_state_dict(teacher_state["embedding"])
+    teacher.eval().requires_grad_(False).to(sess.device)
+    embedding.eval().requires_grad_(False).to(sess.device)
+    student, disc = nets["student"], nets["discriminator"]
+    if sc["init_from_teacher"]:
+        student.init_from_teacher(teacher)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=sc["lr"], weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=sc["disc_lr"], betas=(0.5, 0.999), weight_decay=0.0)
+    start = 0
+    restored = sess.restore()
+    if restored is not None:
+        state, meta = restored
+        student.load_state_dict(state["student_raw"])
+        ema.load_state_dict(state["student"])
+        disc.load_state_dict(state["discriminator"])
+        opt.load_state_dict(state["opt"])
+        opt_d.load_state_dict(state["opt_d"])
+        start = meta["step"]
+    student_ddp = sess.prepare(student, find_unused_parameters=True)
+    disc_ddp = sess.prepare(disc)
+    ema.to(sess.device)
+    diffusion = make_diffusion(model_cfg)
+    prediction, p = model_cfg["prediction"], student.patch_size
+    data = sess.load_shard("train", "overlay")
+    gen = torch.Generator().manual_seed(sess.run.seed * 1000 + sess.rank + start)
+    batches = _batches(data, sc["batch_size"], gen)
+    running: dict[str, float] = {}
+    for step in range(start + 1, sc["steps"] + 1):
+        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
+        t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
+        noise = torch.randn(x0.shape, generator=gen).to(sess.device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        with torch.no_grad():
+            cond = embedding(log, eid)
+            teacher_out, teacher_tokens = teacher.forward_tokens(x_t, t, cond["cond_tokens"], cond["cond_vec"])
+        out = student_ddp(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=sc["mask_ratio"], generator=gen)
+        masked = token_mask_to_pixels(out["mask"], p, 2, x0.shape[2], x0.shape[3]) * valid
+        visible = (1.0 - masked) * valid
+
+        # Discriminator step: teacher tokens are real, student tokens fake (one forward for DDP's sake).
+        logits = disc_ddp(torch.cat([teacher_tokens, out["tokens"].detach()]), torch.cat([t, t]))
+        loss_disc = discriminator_loss(logits[: x0.shape[0]], logits[x0.shape[0]:])
+        opt_d.zero_grad(set_to_none=True)
+        loss_disc.backward()
+        opt_d.step()
+
+        # Student step, Eq. 8: L = L_DSM + λ1·L_MAE + λ2·L_D.
+        loss_dsm = dsm_loss(out["out"], target_of(diffusion, prediction, x0, noise), visible)
+        loss_mae = mae_loss(out["out"], teacher_out, masked) if sc["mask_ratio"] > 0 else out["out"].sum() * 0
+        loss_adv = adversarial_loss(disc(out["tokens"], t))  # raw module: its grads are cleared before its step
+        loss = loss_dsm + sc["lambda1"] * loss_mae + sc["lambda2"] * loss_adv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sc["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(student_ddp.parameters(), sc["grad_clip"])
+        opt.step()
+        ema_update(ema, student, sc["ema_decay"])
+        _accumulate(running, {"loss": loss, "loss_dsm": loss_dsm, "loss_mae": loss_mae, "loss_adv": loss_adv,
+                              "loss_disc": loss_disc})
+        if step % sc["log_every"] == 0 or step % sc["checkpoint_every"] == 0 or step == sc["steps"]:
+            metrics = _mean(running)
+            state = None
+            if step % sc["checkpoint_every"] == 0 or step == sc["steps"]:
+                state = {"student": ema.state_dict(), "student_raw": student.state_dict(),
+                         "embedding": embedding.state_dict(), "discriminator": disc.state_dict(),
+                         "opt": opt.state_dict(), "opt_d": opt_d.state_dict()}
+            sess.report(metrics, step=step, state=state if sess.is_main else None,
+                        meta=_meta(config, "student") if state is not None else None)
+
+
+def _accumulate(running: dict, terms: dict) -> None:
+    for k, v in terms.items():
+        total, count = running.get(k, (0.0, 0))
+        running[k] = (total + float(v.detach()), count + 1)
+
+
+def _mean(running: dict) -> dict:
+    out = {k: total / max(count, 1) for k, (total, count) in running.items()}
+    running.clear()
+    return out
+
+
+def _meta(config: dict, role: str) -> dict:
+    return {"method": "ikddit", "role": role, "model": config["model"], "map_size": config["map_size"],
+            "scale_nm": config["scale_nm"], "mask_ratio": config["student"]["mask_ratio"]}
+
+
+# --------------------------------------------------------------------------- driver
+
+def prepare_training_data(cfg: Config) -> tuple[str, float]:
+    """The training set's URI (generated into the run storage when not given) and its scale in nm."""
+    from data.overlay import generate_overlay
+    from data.parquet_io import read_dataset, write_dataset
+    from fabdistill import storage
+    from trainers.launch import run_dir
+
+    uri = cfg.data.train_uri
+    if not uri:
+        uri = storage.join(run_dir(cfg.run), "data", "overlay_train")
+        if not storage.exists(uri):
+            print(f"[ikddit] generating {cfg.data.num_train} synthetic overlay maps -> {uri}", flush=True)
+            table = generate_overlay(cfg.data.num_train, seed=cfg.data.seed, height=cfg.data.map_size,
+                                     width=cfg.data.map_size, log_dim=cfg.model.log_dim)
+            write_dataset(table, uri, "overlay")
+    table = read_dataset(uri, columns=["overlay", "valid", "height", "width"])
+    return uri, overlay_scale_nm(table)
+
+
+def overlay_scale_nm(table) -> float:
+    """Standard deviation of on-wafer overlay values (nm): maps are divided by it so the networks see ~unit scale."""
+    from data.parquet_io import from_fixed_list
+
+    h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
+    maps = from_fixed_list(table.column("overlay"), (2, h, w))
+    valid = from_fixed_list(table.column("valid"), (h, w)) > 0
+    values = maps[np.broadcast_to(valid[:, None], maps.shape)]
+    return float(max(values.std(), 1e-3))
+
+
+def train(cfg: Config) -> dict[str, TrainOutcome]:
+    import ray
+
+    from trainers.launch import ensure_ray
+
+    ensure_ray()
+    uri, scale_nm = prepare_training_data(cfg)
+    base = {"model": dataclasses.asdict(cfg.model), "teacher": dataclasses.asdict(cfg.teacher),
+            "student": dataclasses.asdict(cfg.student), "map_size": cfg.data.map_size, "scale_nm": scale_nm}
+    outcomes: dict[str, TrainOutcome] = {}
+    teacher_path = cfg.teacher_checkpoint
+    if cfg.phase in ("teacher", "both"):
+        run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-teacher")
+        print(f"[ikddit] teacher: {cfg.model.size}, {cfg.teacher.steps} steps on {cfg.run.num_workers} workers",
+              flush=True)
+        outcomes["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg)
+        teacher_path = outcomes["teacher"].checkpoint_dir
+    if cfg.phase in ("student", "both"):
+        state, meta = load_state(resolve_checkpoint(teacher_path))
+        if meta.get("method") != "ikddit" or meta.get("role") != "teacher":
+            raise ValueError(f"{teacher_path}: not an IKDDiT teacher checkpoint (meta: {meta.get('method')}, "
+                             f"{meta.get('role')})")
+        if meta["model"] != base["model"]:
+            print("[ikddit] note: using the teacher checkpoint's model section", flush=True)
+            base["model"] = meta["model"]
+        base["scale_nm"] = meta.get("scale_nm", scale_nm)
+        student_config = {**base, "teacher_state_ref": ray.put({"teacher": state["teacher"],
+                                                                  "embedding": state["embedding"]})}
+        run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-student")
+        print(f"[ikddit] student: mask ratio {cfg.student.mask_ratio}, λ1 {cfg.student.lambda1}, "
+              f"λ2 {cfg.student.lambda2}, {cfg.student.steps} steps", flush=True)
+        outcomes["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg)
+    return outcomes
+
+
+# --------------------------------------------------------------------------- inference
+
+class IKDDiTPipeline:
+    """A loaded teacher or student with its embedding and schedule. Keeps no per-call state: one instance can
+    serve concurrent requests (each call builds its own generator and tensors)."""
+
+    def __init__(self, net: nn.Module, embedding: nn.Module, meta: dict, role: str,
+                 device: torch.device | str = "cpu"):
+        self.net = net.eval().requires_grad_(False).to(device)
+        self.embedding = embedding.eval().requires_grad_(False).to(device)
+        self.meta, self.role, self.device = meta, role, torch.device(device)
+        self.model_cfg = meta["model"]
+        self.map_size: int = meta["map_size"]
+        self.scale_nm: float = meta["scale_nm"]
+        self.diffusion = make_diffusion(self.model_cfg)
+        from data.overlay import grid_coordinates
+
+        self.valid = torch.from_numpy(grid_coordinates(self.map_size, self.map_size)["valid"].astype(np.float32))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: torch.device | str = "cpu") -> "IKDDiTPipeline":
+        state, meta = load_state(resolve_checkpoint(path))
+        if meta.get("method") != "ikddit":
+            raise ValueError(f"{path}: not an IKDDiT checkpoint (method {meta.get('method')!r})")
+        nets = build_networks(meta["model"], meta["map_size"])
+        role = meta["role"]
+        try:
+            if role == "teacher":
+                nets["teacher"].load_state_dict(state["teacher"])
+                net = nets["teacher"]
+            else:
+                nets["student"].load_state_dict(state["student"])
+                net = nets["student"]
+            nets["embedding"].load_state_dict(state["embedding"])
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"{path}: checkpoint does not match its recorded model config ({exc})") from None
+        return cls(net, nets["embedding"], meta, role, device)
+
+    @property
+    def log_dim(self) -> int:
+        return self.model_cfg["log_dim"]
+
+    @property
+    def num_ids(self) -> int:
+        return self.model_cfg["num_ids"]
+
+    def denoiser(self, log: torch.Tensor, equipment_id: torch.Tensor, mask_ratio: float,
+                 generator: Optional[torch.Generator]):
+        """model_fn(x_t, t) -> ε for the samplers in models/diffusion.py."""
+        cond = self.embedding(log, equipment_id)
+        prediction = self.model_cfg["prediction"]
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if self.role == "teacher":
+                out = self.net(x_t, t, cond["cond_tokens"], cond["cond_vec"])
+            else:
+                out = self.net(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio,
+                               generator=generator)["out"]
+            return eps_from_output(self.diffusion, prediction, x_t, t, out)
+
+        return model_fn
+
+    @torch.no_grad()
+    def sample(self, log: torch.Tensor, equipment_id: torch.Tensor, *, steps: int = 50, mask_ratio: float = 0.5,
+               sampler: str = "ddim", eta: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+        """Generate maps in nm, (N, 2, H, W), conditioned on log (N, log_dim) and equipment_id (N,)."""
+        log = torch.as_tensor(log, dtype=torch.float32, device=self.device)
+        equipment_id = torch.as_tensor(equipment_id, dtype=torch.long, device=self.device)
+        if log.dim() != 2 or log.shape[1] != self.log_dim:
+            raise ValueError(f"equipment_log must have shape (N, {self.log_dim}), got {tuple(log.shape)}")
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**31)))
+        model_fn = self.denoiser(log, equipment_id, mask_ratio if self.role == "student" else 0.0, generator)
+        shape = (log.shape[0], 2, self.map_size, self.map_size)
+        if sampler == "ddim":
+            x = self.diffusion.ddim_sample(model_fn, shape, steps=steps, eta=eta, generator=generator,
+                                           device=self.device)
+        elif sampler == "ddpm":
+            x = self.diffusion.ddpm_sample(model_fn, shape, generator=generator, device=self.device)
+        else:
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        return x * self.scale_nm * self.valid.to(x.device)
