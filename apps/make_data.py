@@ -30,11 +30,15 @@ def _weights(text: str | None, what: str) -> dict[str, float] | None:
     for item in text.split(","):
         name, sep, value = item.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"--{what} expects NAME=WEIGHT pairs separated by commas, got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"--{what} expects NAME=WEIGHT pairs separated by commas, got {item!r}"
+            )
         try:
             out[name.strip()] = float(value)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--{what}: weight of {name!r} is not a number: {value!r}") from e
+            raise argparse.ArgumentTypeError(
+                f"--{what}: weight of {name!r} is not a number: {value!r}"
+            ) from e
     return out
 
 
@@ -60,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, size: int) -> None:
         sp.add_argument("--n", type=int, required=True, help="number of samples")
-        sp.add_argument("--out", required=True, help="output dataset directory: local path or s3://bucket/prefix")
+        sp.add_argument(
+            "--out", required=True, help="output dataset directory: local path or s3://bucket/prefix"
+        )
         sp.add_argument("--seed", type=int, default=0, help="sample seed (same seed -> identical dataset)")
         sp.add_argument("--size", type=int, default=size, help=f"image side in pixels (default {size})")
         sp.add_argument("--chunk", type=int, default=4096, help="samples per chunk / parquet file")
@@ -76,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wf = sub.add_parser("wafer", help="synthetic WM-811K-style wafer maps (0 off, 1 pass, 2 fail)")
     common(wf, 32)
-    wf.add_argument("--class-weights", default=None, help="class mix, e.g. 'none=8,Center=1' (default uniform)")
+    wf.add_argument(
+        "--class-weights", default=None, help="class mix, e.g. 'none=8,Center=1' (default uniform)"
+    )
 
     sm = sub.add_parser("sem", help="synthetic SEM line/space images with defect, clean twin and mask")
     common(sm, 64)
@@ -85,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("import-mpom", help="import an MPOM folder of sample folders")
     mp.add_argument("src")
     mp.add_argument("--out", required=True)
-    mp.add_argument("--scale-nm", type=float, required=True, help="nm at PNG value 255 (0 -> -scale, 127.5 -> 0)")
+    mp.add_argument(
+        "--scale-nm", type=float, required=True, help="nm at PNG value 255 (0 -> -scale, 127.5 -> 0)"
+    )
     mp.add_argument("--size", type=int, default=32)
     mp.add_argument("--log-dim", type=int, default=128)
 
@@ -94,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     wm.add_argument("--out", required=True)
     wm.add_argument("--size", type=int, default=32)
     wm.add_argument("--limit", type=int, default=None, help="import only the first N rows")
-    wm.add_argument("--trust-pickle", action="store_true",
-                    help="load with plain pandas.read_pickle (runs pickle code: only for files you trust)")
+    wm.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load with plain pandas.read_pickle (runs pickle code: only for files you trust)",
+    )
 
     cf = sub.add_parser("import-cifar", help="import cifar-10-python.tar.gz or cifar-100-python.tar.gz")
     cf.add_argument("src")
@@ -114,10 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             from data.overlay import generate_overlay
 
             def make(count: int, start: int) -> pa.Table:
-                return generate_overlay(count, args.seed, height=args.size, width=args.size, log_dim=args.log_dim,
-                                        num_scanners=args.num_scanners, num_chucks=args.num_chucks,
-                                        num_reticles=args.num_reticles, noise_nm=args.noise_nm,
-                                        fingerprint_seed=args.fingerprint_seed, start=start)
+                return generate_overlay(
+                    count,
+                    args.seed,
+                    height=args.size,
+                    width=args.size,
+                    log_dim=args.log_dim,
+                    num_scanners=args.num_scanners,
+                    num_chucks=args.num_chucks,
+                    num_reticles=args.num_reticles,
+                    noise_nm=args.noise_nm,
+                    fingerprint_seed=args.fingerprint_seed,
+                    start=start,
+                )
         elif cmd == "wafer":
             from data.wafer import generate_wafer
 
@@ -146,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if cmd == "import-mpom":
-                tables = importers.iter_mpom(args.src, scale_nm=args.scale_nm, height=args.size, width=args.size,
-                                             log_dim=args.log_dim)
+                tables = importers.iter_mpom(
+                    args.src, scale_nm=args.scale_nm, height=args.size, width=args.size, log_dim=args.log_dim
+                )
                 kind = "overlay"
             elif cmd == "import-wm811k":
-                tables = importers.iter_wm811k(args.src, size=args.size, trusted=args.trust_pickle,
-                                               limit=args.limit)
+                tables = importers.iter_wm811k(
+                    args.src, size=args.size, trusted=args.trust_pickle, limit=args.limit
+                )
                 kind = "wafer"
             else:
                 tables = iter([importers.import_cifar(args.src)])
