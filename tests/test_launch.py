@@ -72,3 +72,21 @@ def test_failure_config_restarts_workers_from_checkpoint(ray_local, tmp_path):
     metrics = read_metrics(outcome.run_dir)
     assert [m["step"] for m in metrics] == [2, 4]
     assert metrics[1]["resumed_from"] == 2
+
+
+def test_feature_extractor_method_runs_on_two_workers_and_resumes(ray_local, tmp_path):
+    """A real small method (the domain feature extractor) through the glue: Ray Data shards, 2 workers, resume."""
+    from fabdistill.config import load_config
+    from trainers.feature_extractor import Config, train
+
+    overrides = [f"run.storage_path={tmp_path}", "run.name=fe", "data.n=256", "data.n_val=64", "trainer.epochs=2",
+                 "trainer.batch_size=32", "trainer.checkpoint_every=2", "run.crash_after_step=2"]
+    cfg = load_config(Config, "configs/feature_extractor.yaml", overrides)
+    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
+        train(cfg)
+    first = [m["step"] for m in read_metrics(str(tmp_path / "fe"))]
+    assert first and first[-1] == 2
+    outcome = train(cfg)  # same name: picks up the step-2 checkpoint
+    steps = [m["step"] for m in read_metrics(outcome.run_dir)]
+    assert steps.count(2) == first.count(2), steps  # step 2 was not trained again
+    assert steps[-1] > 2 and outcome.metrics["step"] == steps[-1]

@@ -79,6 +79,11 @@ def class_names(domain: str, num_classes: int) -> list[str]:
     return [f"equipment_{i}" for i in range(num_classes)]
 
 
+def min_num_classes(domain: str) -> int:
+    """Classes the label column can take (wafer: 9, SEM: 4); 0 for overlay, where the data decide."""
+    return len(class_names(domain, 10**6)) if domain != "overlay" else 0
+
+
 def _image_array(values: Any, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """A fixed-size-list column as numpy: (n, L) floats, or an object array of n flat arrays → (n, *shape)."""
     arr = np.asarray(values)
@@ -99,8 +104,7 @@ def decode_batch(batch: dict[str, Any], domain: str) -> tuple[torch.Tensor, torc
     labels = np.asarray(batch[spec.label_column]).astype(np.int64).reshape(-1)
     n = labels.shape[0]
     if n == 0:
-        c = ENCODINGS[domain].in_channels
-        return torch.zeros(0, c, 1, 1), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, ENCODINGS[domain].in_channels, 1, 1), torch.zeros(0, dtype=torch.long)
     h, w = int(np.asarray(batch["height"]).reshape(-1)[0]), int(np.asarray(batch["width"]).reshape(-1)[0])
     x = _image_array(batch[spec.image_column], n, (ENCODINGS[domain].in_channels, h, w))
     keep = labels >= 0
@@ -146,12 +150,18 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x_enc: torch.Tensor
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
-    logits = model(x_enc)                                                       # (B, K)
-    loss = classification_loss(logits, y)
+    if y.numel() == 0:
+        # every row of this batch was unlabelled: still run forward/backward (zero gradient) so that DDP's
+        # gradient all-reduce stays in step with the other ranks
+        logits = model(x_enc.new_zeros((1, *x_enc.shape[1:])))                 # (1, K)
+        loss = logits.sum() * 0.0
+    else:
+        logits = model(x_enc)                                                   # (B, K)
+        loss = classification_loss(logits, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+    return float(loss.detach()), int((logits.detach().argmax(1) == y).sum()) if y.numel() else 0
 
 
 @torch.no_grad()
@@ -177,7 +187,7 @@ def accuracy(net: DomainFeatureNet, x: torch.Tensor, y: torch.Tensor, domain: st
 class TrainerSection:
     domain: str = knob("overlay", choices=DOMAINS, help="overlay | wafer | sem: which data and label")
     size: str = knob("S", choices=tuple(FEATURE_NET_SIZES), help="network size (models/feature_extractor.py)")
-    epochs: int = knob(6, ge=1, le=10_000, help="passes over the training data")
+    epochs: int = knob(5, ge=1, le=10_000, help="passes over the training data")
     batch_size: int = knob(128, ge=2, le=65_536, help="per-worker batch size")
     lr: float = knob(3e-3, gt=0, le=1, help="AdamW peak learning rate (warm-up 5 %, cosine decay)")
     weight_decay: float = knob(1e-4, ge=0, le=1, help="AdamW weight decay")
@@ -248,7 +258,8 @@ def loop(config: dict) -> None:
     if config["has_val"]:
         parts = [decode_batch(b, domain) for b in
                  sess.dataset("val").iter_batches(batch_size=1024, batch_format="numpy")]
-        val_x, val_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        val_x = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, enc.in_channels, 1, 1)
+        val_y = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
 
     total_steps = config["epochs"] * config["steps_per_epoch"]
     shard = sess.dataset("train")
@@ -275,8 +286,10 @@ def loop(config: dict) -> None:
             if is_last:
                 tot_loss, tot_ok, tot_seen = _reduce_sum([loss_sum, float(correct), float(seen)], sess)
                 metrics.update(train_loss=tot_loss / max(tot_seen, 1), train_acc=tot_ok / max(tot_seen, 1))
-                if val_x is not None:
-                    metrics["val_acc"] = accuracy(net, val_x, val_y, domain)
+                if val_x is not None:  # Ray splits every dataset by default: each rank holds a part of val
+                    local = accuracy(net, val_x, val_y, domain) * val_y.shape[0] if val_y.shape[0] else 0.0
+                    val_ok, val_n = _reduce_sum([local, float(val_y.shape[0])], sess)
+                    metrics["val_acc"] = val_ok / max(val_n, 1.0)
             sess.report(metrics, step=step, state=state, meta=meta)
         skip = 0
 
@@ -288,7 +301,10 @@ def _dataset_rows_and_classes(uri: str, domain: str) -> tuple[int, int]:
     labels = labels[labels >= 0]
     if labels.size == 0:
         raise ValueError(f"{uri}: no labelled rows in column '{DOMAIN_DATA[domain].label_column}'")
-    return int(labels.size), int(labels.max()) + 1
+    return int(labels.size), max(min_num_classes(domain), int(labels.max()) + 1)
+
+
+CALIBRATION_ROWS = 4096  # training rows used to standardise the metric features after a Ray run
 
 
 def train(cfg: Config) -> TrainOutcome:
@@ -325,9 +341,13 @@ def train(cfg: Config) -> TrainOutcome:
     datasets = {"train": uri, **({"val": val_uri} if val_uri is not None else {})}
     outcome = launch(loop, loop_config, cfg.run, datasets=datasets, full_config=cfg)
     if outcome.checkpoint_dir is not None:
+        from data.parquet_io import read_dataset
+
         state, meta = load_state(outcome.checkpoint_dir)
         net = build_feature_net(t.size, ENCODINGS[t.domain].in_channels, num_classes)
         net.load_state_dict(state["model"])
+        x, _ = table_to_tensors(read_dataset(uri).slice(0, CALIBRATION_ROWS), t.domain)
+        net.calibrate(ENCODINGS[t.domain].encode(x))
         extra = {k: v for k, v in (outcome.metrics or {}).items() if isinstance(v, (int, float, str))}
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "feature_extractor.pt")
@@ -343,9 +363,9 @@ def train(cfg: Config) -> TrainOutcome:
 
 # Recipes for the committed weights: ~1-2 minutes on 2 CPU cores each.
 EXPORT_RECIPES: dict[str, dict[str, Any]] = {
-    "overlay": {"n": 4096, "epochs": 6, "size": "S", "batch_size": 128, "lr": 3e-3},
+    "overlay": {"n": 4096, "epochs": 5, "size": "S", "batch_size": 128, "lr": 3e-3},
     "wafer": {"n": 4096, "epochs": 6, "size": "S", "batch_size": 128, "lr": 3e-3},
-    "sem": {"n": 3072, "epochs": 6, "size": "S", "batch_size": 128, "lr": 3e-3, "image_size": 64},
+    "sem": {"n": 2048, "epochs": 5, "size": "S", "batch_size": 128, "lr": 3e-3, "image_size": 64},
 }
 
 
@@ -360,7 +380,7 @@ def _fit(domain: str, n: int, seed: int, epochs: int, size: str = "M", batch_siz
         (x[:0], y[:0])
     if x.shape[0] < batch_size:
         raise ValueError(f"{x.shape[0]} labelled training samples are fewer than batch_size={batch_size}")
-    num_classes = int(max(int(y.max()), int(vy.max()) if vy.numel() else 0)) + 1
+    num_classes = max(min_num_classes(domain), int(max(int(y.max()), int(vy.max()) if vy.numel() else 0)) + 1)
     enc = ENCODINGS[domain]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -382,6 +402,7 @@ def _fit(domain: str, n: int, seed: int, epochs: int, size: str = "M", batch_siz
         if log:
             log(f"[{domain}] epoch {epoch + 1}/{epochs} running train acc {correct / (steps_per_epoch * batch_size):.3f}"
                 f" ({time.time() - t0:.0f}s)")
+    net.calibrate(enc.encode(x))
     result = {"train_accuracy": accuracy(net, x, y, domain), "heldout_accuracy": accuracy(net, vx, vy, domain),
               "num_classes": num_classes, "n": int(x.shape[0]), "n_val": int(vx.shape[0]), "seed": seed,
               "epochs": epochs, "size": size, "image_size": image_size,

@@ -113,10 +113,10 @@ def format_table(rows: dict[str, dict[str, Any]], n: int) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
-    lines = [f"| model | FID-{n} | KID ×1e3 | cond. fidelity | resid. \\|m\\|+3σ x / y (nm) | term W1 | maps/s |",
+    lines = [f"| model | FID-{n} | KID | cond. fidelity | resid. \\|m\\|+3σ x / y (nm) | term W1 | maps/s |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {fmt(r.get('fid'), '.2f')} | {fmt((r.get('kid_mean') or 0) * 1e3, '.2f')} | "
+        lines.append(f"| {name} | {fmt(r.get('fid'), '.2f')} | {fmt(r.get('kid_mean'), '.3f')} | "
                      f"{fmt(r.get('cond_fidelity'), '.3f')} | {fmt(r.get('resid_3s_x'), '.2f')} / "
                      f"{fmt(r.get('resid_3s_y'), '.2f')} | {fmt(r.get('term_w1'), '.3f')} | "
                      f"{fmt(r.get('maps_per_s'), '.1f')} |")
