@@ -398,7 +398,9 @@ def overlay_scale_nm(table) -> float:
     return float(max(values.std(), 1e-3))
 
 
-def train(cfg: Config) -> dict[str, TrainOutcome]:
+def train(cfg: Config, callbacks: Optional[list] = None) -> dict[str, TrainOutcome]:
+    """Run the configured phase(s). `callbacks`: extra Ray Train callbacks for every launched run (e.g. Tune's
+    TuneReportCallback when a sweep trial calls this)."""
     import ray
 
     from trainers.launch import ensure_ray
@@ -413,7 +415,8 @@ def train(cfg: Config) -> dict[str, TrainOutcome]:
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-teacher")
         print(f"[ikddit] teacher: {cfg.model.size}, {cfg.teacher.steps} steps on {cfg.run.num_workers} workers",
               flush=True)
-        outcomes["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg)
+        outcomes["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg,
+                                     extra_callbacks=callbacks)
         teacher_path = outcomes["teacher"].checkpoint_dir
     if cfg.phase in ("student", "both"):
         state, meta = load_state(resolve_checkpoint(teacher_path))
@@ -429,7 +432,8 @@ def train(cfg: Config) -> dict[str, TrainOutcome]:
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-student")
         print(f"[ikddit] student: mask ratio {cfg.student.mask_ratio}, λ1 {cfg.student.lambda1}, "
               f"λ2 {cfg.student.lambda2}, {cfg.student.steps} steps", flush=True)
-        outcomes["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg)
+        outcomes["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg,
+                                     extra_callbacks=callbacks)
     return outcomes
 
 
