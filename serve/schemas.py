@@ -105,6 +105,27 @@ class GenerateRequest(BaseModel):
         return v
 
 
+class ClassifyRequest(BaseModel):
+    """POST /classifier/classify: class probabilities for n wafer maps (or images) of one size.
+
+    `maps` is (n, H, W) for wafer-map students (values 0 off-wafer, 1 pass, 2 fail), or (n, C, H, W) uint8 for
+    image students (CIFAR); the deployment checks the shape and values against the checkpoint it loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    maps: list[list[list[Any]]] = Field(min_length=1, description="(n, H, W) wafer maps or (n, C, H, W) images")
+    top_k: int = Field(3, ge=1, description="classes listed per map, most probable first (<= num_classes)")
+
+    @field_validator("maps")
+    @classmethod
+    def _n_limit(cls, v: list, info: ValidationInfo) -> list:
+        limit = (info.context or {}).get("max_n")
+        if limit is not None and len(v) > limit:
+            raise ValueError(f"{len(v)} maps exceed the limit of {limit} per request; split the request")
+        return v
+
+
 # --------------------------------------------------------------------------- application arguments
 
 class StudentArgs(BaseModel):

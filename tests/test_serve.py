@@ -32,15 +32,34 @@ def logs() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, checkpoint):
-    """The app of serve/app.py on the session's local Ray; a long batch wait so concurrent requests batch."""
+def classifier_checkpoint(tmp_path_factory) -> str:
+    """A tiny wafer-map classifier saved as Fast-AD's learner saves its student (meta method: fast_ad)."""
+    import torch
+
+    from models.resnet_cifar import build_resnet
+    from trainers.classifier import fit_classifier, save_classifier, wafer_tensors
+
+    torch.manual_seed(0)
+    x, y = wafer_tensors(288, seed=1, size=16)
+    model = build_resnet("tiny", 9, 1)
+    fit_classifier(model, x, y, epochs=3, batch_size=32, lr=0.05)
+    path = tmp_path_factory.mktemp("classifier") / "model"
+    save_classifier(str(path), model, "wafer_pm1", extra_meta={"method": "fast_ad", "step": 27})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, checkpoint, classifier_checkpoint):
+    """The app of serve/app.py on the session's local Ray, with two student kinds (IKDDiT and a classifier);
+    a long batch wait so concurrent requests batch."""
     from ray import serve
 
     from serve.app import build_app
 
     url = start_serve(free_port())
     serve.run(build_app({"students": {"ikddit": {"checkpoint": checkpoint, "batch_wait_timeout_s": 0.25,
-                                                 "max_n": 8, "max_steps": 50}}}),
+                                                 "max_n": 8, "max_steps": 50},
+                                      "classifier": {"checkpoint": classifier_checkpoint, "max_n": 16}}}),
               name=APP, route_prefix="/", logging_config=QUIET)
     yield url
     serve.shutdown()
@@ -129,15 +148,49 @@ def test_png_is_a_decodable_picture(server, logs):
 
 def test_healthz_and_models(server, checkpoint):
     status, _, body = http("GET", server + "/healthz")
-    assert status == 200 and json.loads(body) == {"status": "ok", "students": {"ikddit": "ok"}}
+    assert status == 200 and json.loads(body) == {"status": "ok", "students": {"ikddit": "ok", "classifier": "ok"}}
     status, _, body = http("GET", server + "/models")
     info = json.loads(body)
-    assert status == 200 and info["routes"] == ["POST /ikddit/generate"]
+    assert status == 200 and info["routes"] == ["POST /ikddit/generate", "POST /classifier/classify"]
     student = info["students"]["ikddit"]
     assert student["checkpoint"] == checkpoint and student["role"] == "student"
     assert student["model"]["size"] == "tiny" and student["log_dim"] == 128 and student["num_ids"] == 1000
     assert student["limits"] == {"max_n": 8, "max_steps": 50}
     assert student["batching"]["max_batch_size"] == 32
+
+
+def test_classifier_student_serves_wafer_maps(server, classifier_checkpoint):
+    """Fast-AD's student through the same pattern: POST /classifier/classify agrees with the checkpoint offline."""
+    import torch
+
+    from trainers.classifier import encode_wafer, load_classifier, wafer_tensors
+
+    x, y = wafer_tensors(12, seed=77, size=16)
+    maps = (x[:, 0] + 1).round().to(torch.int64).numpy()  # (12, 16, 16) in {0, 1, 2}
+    status, _, body = http("POST", server + "/classifier/classify", {"maps": maps.tolist(), "top_k": 2})
+    assert status == 200, body[:300]
+    out = json.loads(body)
+    model, meta = load_classifier(classifier_checkpoint)
+    with torch.no_grad():
+        expected = torch.softmax(model(encode_wafer(maps)), 1)
+    assert out["n"] == 12 and out["classes"] == meta["classes"] and len(out["predictions"]) == 12
+    for pred, probs in zip(out["predictions"], expected):
+        assert pred["index"] == int(probs.argmax()) and pred["label"] == meta["classes"][pred["index"]]
+        assert len(pred["top_k"]) == 2 and abs(pred["probability"] - float(probs.max())) < 1e-4
+    info = json.loads(http("GET", server + "/models")[2])["students"]["classifier"]
+    assert info["method"] == "fast_ad" and info["step"] == 27 and info["encoding"] == "wafer_pm1"
+
+    bad = [({"maps": [[[0, 1, 1, 3]] * 4]}, "values must lie in [0, 2]"),
+           ({"maps": [[[0.5] * 8] * 8]}, "values must be integers"),
+           ({"maps": [[[1] * 8] * 8, [[1] * 7] * 8]}, "equal-length"),
+           ({"maps": [[[1] * 2] * 2]}, "outside [4, 256]"),
+           ({"maps": [[[1] * 8] * 8], "top_k": 10}, "exceeds the 9 classes"),
+           ({"maps": [[[1] * 8] * 8]} | {"topk": 1}, "topk"),
+           ({"maps": [[[1] * 8] * 8] * 17}, "limit of 16")]
+    for body, words in bad:
+        status, _, content = http("POST", server + "/classifier/classify", body)
+        assert 400 <= status < 500 and words in content.decode(), (body, status, content[:300])
+    assert http("POST", server + "/classifier/classify", {"maps": maps[:1].tolist()})[0] == 200  # still serving
 
 
 # --------------------------------------------------------------------------- offline (no Ray)
@@ -174,6 +227,14 @@ def test_unreadable_checkpoint_names_the_path(tmp_path):
     missing = str(tmp_path / "no-such-run")
     with pytest.raises(RuntimeError, match="cannot load checkpoint.*no-such-run"):
         IKDDiTModel(StudentArgs(checkpoint=missing, device="cpu"))
+
+
+def test_classifier_kind_refuses_a_checkpoint_of_another_kind(checkpoint):
+    from serve.app import ClassifierModel
+    from serve.schemas import StudentArgs
+
+    with pytest.raises(RuntimeError, match="classifier student: cannot load checkpoint.*not a classifier"):
+        ClassifierModel(StudentArgs(checkpoint=checkpoint, device="cpu"))  # an IKDDiT student
 
 
 def test_build_app_arguments_are_validated():

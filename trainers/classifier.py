@@ -108,6 +108,23 @@ def table_to_tensors(table: Any) -> tuple[Tensor, Tensor, str]:
     return batch_to_tensors(batch)
 
 
+def select_split(table: Any, split: Optional[str]) -> Any:
+    """Rows of `table` whose "split" column equals `split` (CIFAR imports hold train and test in one table).
+
+    A table without a split column, or whose split column is empty everywhere (generated data), is returned whole.
+    """
+    import pyarrow.compute as pc
+
+    if not split or "split" not in table.column_names:
+        return table
+    values = set(table["split"].unique().to_pylist()) - {""}
+    if not values:
+        return table
+    if split not in values:
+        raise ValueError(f"no rows with split == {split!r} (the dataset has splits {sorted(values)})")
+    return table.filter(pc.equal(table["split"], split))
+
+
 def wafer_tensors(n: int, seed: int, size: int = 32,
                   class_weights: Optional[list[float]] = None) -> tuple[Tensor, Tensor]:
     """n generated wafer maps as (x (n, 1, size, size) in {−1, 0, 1}, labels (n,) long)."""
@@ -259,7 +276,10 @@ class DataSection:
     """Labelled data: generated wafer maps (default) or a Parquet dataset ("wafer" or "image" kind)."""
 
     uri: Optional[str] = knob(None, help="Parquet dataset (local or s3://) with labels; None generates wafer maps")
-    eval_uri: Optional[str] = knob(None, help="held-out Parquet dataset; None generates held-out wafer maps")
+    eval_uri: Optional[str] = knob(None, help="held-out Parquet dataset; None: `uri`'s eval_split rows if it has "
+                                              "a split column, else generated held-out wafer maps")
+    train_split: str = knob("train", help="rows of `uri` used for training when it has a split column (CIFAR)")
+    eval_split: str = knob("test", help="rows used for evaluation when the dataset has a split column")
     n_train: int = knob(6000, ge=1, help="generated training maps (when uri is None)")
     n_eval: int = knob(1000, ge=0, help="generated held-out maps (when eval_uri is None); 0 skips evaluation")
     seed: int = knob(1, ge=0, help="generator seed of the training maps")
@@ -374,7 +394,7 @@ def _eval_tensors(spec: dict) -> tuple[Tensor, Tensor]:
     if spec.get("uri"):
         from data.parquet_io import read_dataset
 
-        x, y, _ = table_to_tensors(read_dataset(spec["uri"]))
+        x, y, _ = table_to_tensors(select_split(read_dataset(spec["uri"]), spec.get("split")))
         keep = y >= 0
         return x[keep], y[keep]
     return wafer_tensors(spec["n"], spec["seed"], spec["size"])
@@ -388,6 +408,25 @@ def _count_rows(uri: str) -> int:
     if n == 0:
         raise ValueError(f"{uri}: no labelled rows")
     return n
+
+
+def _split_dataset(uri: str, train_split: str, eval_split: str, folder: str) -> tuple[str, Optional[str]]:
+    """A dataset with a split column (a CIFAR import) → (train-rows dataset, eval-rows dataset or None), written
+    once into `folder`; a dataset without one is used as it is: (uri, None)."""
+    from data.parquet_io import read_dataset, table_kind, write_dataset
+    from fabdistill import storage
+
+    table = read_dataset(uri)
+    values = set(table["split"].unique().to_pylist()) - {""} if "split" in table.column_names else set()
+    if not values:
+        return uri, None
+    kind = table_kind(table) or ("wafer" if "wafer_map" in table.column_names else "image")
+    train_uri, eval_uri = storage.join(folder, "train"), storage.join(folder, "eval")
+    if not storage.exists(train_uri):
+        write_dataset(select_split(table, train_split), train_uri, kind)
+    if eval_split in values and not storage.exists(eval_uri):
+        write_dataset(select_split(table, eval_split), eval_uri, kind)
+    return train_uri, (eval_uri if eval_split in values else None)
 
 
 def train(cfg: Config) -> TrainOutcome:
@@ -412,6 +451,10 @@ def train(cfg: Config) -> TrainOutcome:
             write_dataset(generate_wafer(d.n_train, seed=d.seed, size=d.size, class_weights=d.class_weights or None),
                           uri, "wafer")
         classes = list(WAFER_CLASSES)
+    else:
+        uri, split_eval = _split_dataset(uri, d.train_split, d.eval_split, storage.join(out, "data"))
+        if d.eval_uri is None and split_eval is not None:
+            d = dataclasses.replace(d, eval_uri=split_eval)
     rows = _count_rows(uri)
     workers = max(1, cfg.run.num_workers)
     steps_per_epoch = rows // (o.batch_size * workers)
@@ -420,7 +463,7 @@ def train(cfg: Config) -> TrainOutcome:
                           f"{o.batch_size} × {workers}")
     eval_spec = None
     if d.eval_uri is not None:
-        eval_spec = {"uri": d.eval_uri}
+        eval_spec = {"uri": d.eval_uri, "split": d.eval_split}
     elif d.n_eval > 0 and d.uri is None:
         eval_spec = {"n": d.n_eval, "seed": d.eval_seed, "size": d.size}
     loop_config = {
