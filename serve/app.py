@@ -209,9 +209,6 @@ class IKDDiTModel(StudentModel):
 
         Returns one (n_i, 2, H, W) float32 array in nm per request.
         """
-        from models.dit import random_masking
-        from trainers.ikddit import eps_from_output
-
         pipe, dev = self.pipeline, self.device
         steps, mask_ratio = requests[0].steps, requests[0].mask_ratio
         sizes = [r.n for r in requests]
@@ -220,24 +217,10 @@ class IKDDiTModel(StudentModel):
         log = log.repeat_interleave(torch.tensor(sizes), dim=0).to(dev)  # (N, log_dim)
         eid = torch.tensor([r.equipment_id for r in requests]).repeat_interleave(torch.tensor(sizes)).to(dev)
         size = pipe.map_size
-        # x_T: the first draw of each request's generator, as in IKDDiTPipeline.sample.
+        # x_T: the first draw of each request's generator, then its token masks: as in IKDDiTPipeline.sample.
         x = torch.cat([torch.randn((n, 2, size, size), generator=g) for n, g in zip(sizes, gens)]).to(dev)
-        cond = pipe.embedding(log, eid)
-        prediction = pipe.model_cfg["prediction"]
-        timesteps = pipe.diffusion.ddim_timesteps(steps).tolist()
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=dev)
-            if pipe.role == "student":
-                # Each request's mask comes from its own generator: the draw the student makes when run alone.
-                ids_keep = torch.cat([random_masking(n, pipe.net.num_patches, mask_ratio, generator=g)[0]
-                                      for n, g in zip(sizes, gens)]).to(dev)  # (N, L_keep)
-                out = pipe.net(x, t_vec, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio,
-                               ids_keep=ids_keep)["out"]  # (N, 2, H, W)
-            else:
-                out = pipe.net(x, t_vec, cond["cond_tokens"], cond["cond_vec"])  # (N, 2, H, W)
-            eps = eps_from_output(pipe.diffusion, prediction, x, t_vec, out)
-            x = pipe.diffusion.ddim_step(x, t, t_prev, eps)  # (N, 2, H, W)
+        model_fn = pipe.denoiser(log, eid, mask_ratio, gens, sizes)
+        x = pipe.diffusion.ddim_sample(model_fn, None, steps=steps, x_T=x)  # (N, 2, H, W), eta = 0
         maps = (x * pipe.scale_nm * pipe.valid.to(dev)).float().cpu().numpy()  # (N, 2, H, W) nm
         if not np.isfinite(maps).all():
             self._nonfinite = f"non-finite maps at {time.strftime('%H:%M:%S')} (steps={steps})"

@@ -484,14 +484,29 @@ class IKDDiTPipeline:
         return self.model_cfg["num_ids"]
 
     def denoiser(self, log: torch.Tensor, equipment_id: torch.Tensor, mask_ratio: float,
-                 generator: Optional[torch.Generator]):
-        """model_fn(x_t, t) -> ε for the samplers in models/diffusion.py."""
+                 generator: Optional[torch.Generator] | list[torch.Generator],
+                 sizes: Optional[list[int]] = None):
+        """model_fn(x_t, t) -> ε for the samplers in models/diffusion.py.
+
+        `generator` draws the student's token masks. A list of generators with `sizes` (summing to N) gives
+        consecutive rows their own generators, so requests batched together (serve/) draw the masks each would
+        draw alone."""
+        from models.dit import random_masking
+
         cond = self.embedding(log, equipment_id)
         prediction = self.model_cfg["prediction"]
+        if isinstance(generator, list) and (sizes is None or len(sizes) != len(generator)
+                                            or sum(sizes) != log.shape[0]):
+            raise ValueError("a list of generators needs `sizes`, one per generator, summing to the batch size")
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if self.role == "teacher":
                 out = self.net(x_t, t, cond["cond_tokens"], cond["cond_vec"])
+            elif isinstance(generator, list):
+                ids_keep = torch.cat([random_masking(n, self.net.num_patches, mask_ratio, generator=g)[0]
+                                      for n, g in zip(sizes, generator)]).to(x_t.device)  # (N, L_keep)
+                out = self.net(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio,
+                               ids_keep=ids_keep)["out"]
             else:
                 out = self.net(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio,
                                generator=generator)["out"]
