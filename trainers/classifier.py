@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -327,18 +327,6 @@ class Config:
 ####################################################################################################################
 
 
-def _with_last(it: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    it = iter(it)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
-
-
 def loop(config: dict) -> None:
     """Per-worker loop run by trainers.launch.launch: DDP, Ray Data shard, checkpoint per epoch, resume."""
     sess = TrainSession.current()
@@ -368,7 +356,7 @@ def loop(config: dict) -> None:
         batches = shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=4 * config["batch_size"],
                                      local_shuffle_seed=config["seed"] * 10_007 + epoch * 101 + sess.rank)
-        for batch, _ in _with_last(batches):
+        for batch in batches:
             x, y, encoding = batch_to_tensors(batch)
             keep = y >= 0
             x, y = x[keep], y[keep]

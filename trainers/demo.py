@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from fabdistill import storage
 from fabdistill.config import load_config
@@ -42,7 +41,7 @@ def run_demo(config_path: str = "configs/ikddit_demo.yaml", overrides: tuple[str
     report_uri = storage.join(out_dir, "report.md")
     body = storage.read_bytes(report_uri).decode()
     minutes = (time.time() - t0) / 60
-    header = [f"# fabdistill demo: IKDDiT on synthetic overlay maps", "",
+    header = ["# fabdistill demo: IKDDiT on synthetic overlay maps", "",
               f"Config `{config_path}` (resolved copy in the run folders); training {t_train / 60:.1f} min, "
               f"total {minutes:.1f} min.", "",
               f"- teacher checkpoint: `{outcomes['teacher'].checkpoint_dir}`",

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
