@@ -287,5 +287,8 @@ def export_results(prefix: str, outcome: Any, sweep: Any, *, command: str, wall_
     note = (f"Reproduce: `{command}`  \nWall time {wall_s / 60:.1f} min on {machine['cpu_count']} CPU cores "
             f"({machine['platform']}, torch {machine['torch']}; load average at the end "
             f"{', '.join(f'{x:.1f}' for x in load) if load else 'n/a'}), {machine['date']}.\n\n")
+    # Paths under the working directory (the repo, for a run from it) are written relative, so the exported file
+    # reads the same on another machine.
+    body = body.replace(os.getcwd().rstrip(os.sep) + os.sep, "")
     Path(md_path).write_text(note + body)
     return written
