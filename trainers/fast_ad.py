@@ -200,7 +200,8 @@ class BufferSection:
     size: int = knob(4096, ge=1, help="replay buffer capacity (images)")
     min_uses: int = knob(1, ge=0, help="the oldest image is evicted only after the student sampled it this many "
                                        "times; until then `put` waits (back-pressure). 0: plain ring buffer")
-    min_fill: int = knob(0, ge=0, help="images in the buffer before the student starts (0: one student batch)")
+    min_fill: int = knob(0, ge=0, help="images in the buffer before the student starts (0: one synthesis batch; "
+                                        "smaller than a student batch, it samples with replacement)")
 
 
 @dataclasses.dataclass
@@ -802,7 +803,7 @@ class StudentLearner:
         if not core.history or core.history[-1]["step"] != core.step:
             core.evaluate()  # the starting point (step 0, or the restored step)
         t_start = time.time()
-        min_fill = spec["min_fill"] or spec["batch_size"]
+        min_fill = spec["min_fill"]
         pending = self.buffer.sample.remote(spec["batch_size"], min_fill)
         stopped = False
         while core.step < spec["steps"]:
@@ -860,7 +861,7 @@ def _specs(cfg: Config, run_directory: str) -> tuple[dict, dict]:
                "kd_temperature": s.kd_temperature, "augment": s.augment, "num_gpus": s.num_gpus,
                "torch_threads": s.torch_threads, "checkpoint_every": s.checkpoint_every,
                "num_to_keep": s.num_to_keep, "eval": dataclasses.asdict(cfg.eval), "eval_every": cfg.eval.every,
-               "min_fill": cfg.buffer.min_fill, "time_limit_s": cfg.loop.time_limit_s,
+               "min_fill": cfg.buffer.min_fill or cfg.synthesis.batch_size, "time_limit_s": cfg.loop.time_limit_s,
                "record_timeline": cfg.loop.record_timeline, "run_dir": run_directory}
     return synth, learner
 
@@ -1013,7 +1014,7 @@ def run_sequential(cfg: Config, total_steps: int, total_images: int, threads: in
     buf = FifoReplay(cfg.buffer.size, cfg.buffer.min_uses)
     gen = torch.Generator().manual_seed(cfg.run.seed + 5)
     bs = cfg.synthesis.batch_size
-    min_fill = cfg.buffer.min_fill or cfg.student.batch_size
+    min_fill = cfg.buffer.min_fill or cfg.synthesis.batch_size
     made, batch_id = 0, 0
     synth_time = learn_time = 0.0
     t_start = time.time()
