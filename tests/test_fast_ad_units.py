@@ -17,13 +17,7 @@ from trainers.fast_ad import (BNStatHooks, BufferFull, CADRSection, FifoReplay, 
                               balanced_labels, bn_stat_loss, cadr_eps_transform, entropy_gate, guidance_loss,
                               kd_loss, prediction_entropy, rectified_eps, rectify_gradient, synthesize, tweedie_x0)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads; on a shared 2-core box extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ CADR equations

@@ -9,13 +9,7 @@ from models.resnet_cifar import RESNET_ARCHS, build_resnet, count_params, resnet
 from models.unet import UNET_SIZES, build_unet, timestep_embedding, unet_from_meta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads; on a shared 2-core box extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch, millions", [("resnet8x4", 1.23), ("resnet32x4", 7.43), ("resnet18", 11.22),

@@ -378,14 +378,21 @@ def loop(config: dict) -> None:
         sess.report(metrics, step=step, state=state, meta=meta)
 
 
-def _eval_tensors(spec: dict) -> tuple[Tensor, Tensor]:
-    if spec.get("uri"):
+def heldout_tensors(uri: Optional[str], split: Optional[str], n: int, seed: int, size: int) -> tuple[Tensor, Tensor]:
+    """Labelled held-out data as (x (N, C, H, W), y (N,)): the `split` rows of a Parquet dataset (unlabelled rows
+    dropped), or n generated wafer maps when uri is None. The teacher and Fast-AD's student evaluate on the same."""
+    if uri:
         from data.parquet_io import read_dataset
 
-        x, y, _ = table_to_tensors(select_split(read_dataset(spec["uri"]), spec.get("split")))
+        x, y, _ = table_to_tensors(select_split(read_dataset(uri), split))
         keep = y >= 0
         return x[keep], y[keep]
-    return wafer_tensors(spec["n"], spec["seed"], spec["size"])
+    return wafer_tensors(n, seed, size)
+
+
+def _eval_tensors(spec: dict) -> tuple[Tensor, Tensor]:
+    return heldout_tensors(spec.get("uri"), spec.get("split"), spec.get("n", 0), spec.get("seed", 0),
+                           spec.get("size", 32))
 
 
 def _count_rows(uri: str) -> int:

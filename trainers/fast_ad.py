@@ -766,15 +766,9 @@ def _write_checkpoint(dest: str, state: dict, meta: dict) -> None:
 
 
 def _heldout(spec: dict) -> tuple[Tensor, Tensor]:
-    from trainers.classifier import select_split, table_to_tensors, wafer_tensors
+    from trainers.classifier import heldout_tensors
 
-    if spec.get("uri"):
-        from data.parquet_io import read_dataset
-
-        x, y, _ = table_to_tensors(select_split(read_dataset(spec["uri"]), spec.get("split")))
-        keep = y >= 0
-        return x[keep], y[keep]
-    return wafer_tensors(spec["n_heldout"], spec["seed"], spec["size"])
+    return heldout_tensors(spec.get("uri"), spec.get("split"), spec["n_heldout"], spec["seed"], spec["size"])
 
 
 class StudentLearner:
