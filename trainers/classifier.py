@@ -34,41 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fabdistill.config import ConfigError, knob, section
-from models.resnet_cifar import RESNET_ARCHS, ResNet, build_resnet, resnet_from_meta
+from fabdistill.inference.classifier import (ENCODINGS, classifier_meta, decode_wafer, encode_images,  # noqa: F401
+                                             encode_wafer, evaluate_top1, load_classifier, predict_logits)
+from models.resnet_cifar import RESNET_ARCHS, ResNet, build_resnet, resnet_from_meta  # noqa: F401
 from trainers.launch import RunSection, TrainOutcome, TrainSession, launch, load_state, resolve_checkpoint, \
     save_state
 
-ENCODINGS = ("wafer_pm1", "image_pm1")  # see the module docstring
 
 
 ####################################################################################################################
 # Encodings and data
 ####################################################################################################################
-
-
-def encode_wafer(maps: np.ndarray | Tensor) -> Tensor:
-    """Wafer maps (N, H, W) with values {0 off, 1 pass, 2 fail} → float (N, 1, H, W) in {−1, 0, +1}."""
-    t = torch.as_tensor(np.asarray(maps) if not isinstance(maps, Tensor) else maps)
-    if t.ndim != 3:
-        raise ValueError(f"wafer maps must be (N, H, W), got shape {tuple(t.shape)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
-        raise ValueError(f"wafer map values must be 0, 1 or 2, got range [{int(t.min())}, {int(t.max())}]")
-    return (t.float() - 1.0).unsqueeze(1)  # (N, 1, H, W)
-
-
-def decode_wafer(x: Tensor) -> Tensor:
-    """Network-range images (N, 1, H, W) → wafer maps (N, H, W) uint8 in {0, 1, 2} (nearest level)."""
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected (N, 1, H, W), got {tuple(x.shape)}")
-    return (x[:, 0].clamp(-1, 1).round() + 1).to(torch.uint8)  # (N, H, W)
-
-
-def encode_images(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 images (N, C, H, W) → float (N, C, H, W) in [−1, 1]."""
-    t = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
-    if t.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(t.shape)}")
-    return t.float() / 127.5 - 1.0
 
 
 def _column_array(values: Any, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -191,24 +167,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
     return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Eval-mode logits (N, K), in chunks; restores the model's train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)])
-    model.train(was_training)
-    return out
-
-
-def evaluate_top1(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] on (x (N, C, H, W), y (N,))."""
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need matching non-empty x and y, got {tuple(x.shape)} and {tuple(y.shape)}")
-    return float((predict_logits(model, x, batch_size).argmax(1) == y.cpu()).float().mean())
-
-
 def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, batch_size: int = 128,
                    lr: float = 0.05, weight_decay: float = 5e-4, optimizer: str = "sgd", augment: bool = True,
                    label_smoothing: float = 0.0, seed: int = 0, log_every: int = 0) -> list[dict[str, float]]:
@@ -242,28 +200,11 @@ def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, 
 ####################################################################################################################
 
 
-def classifier_meta(model: ResNet, encoding: str, classes: Optional[list[str]] = None) -> dict[str, Any]:
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; one of {ENCODINGS}")
-    return {"kind": "classifier", **model.meta(), "encoding": encoding,
-            "classes": list(classes) if classes else [str(i) for i in range(model.num_classes)]}
-
-
 def save_classifier(directory: str, model: ResNet, encoding: str, classes: Optional[list[str]] = None,
                     extra_meta: Optional[dict[str, Any]] = None) -> None:
     """A fabdistill checkpoint folder (state.pt with state["model"], meta.json) that load_classifier reads."""
     state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     save_state(directory, state, {**classifier_meta(model, encoding, classes), **(extra_meta or {})})
-
-
-def load_classifier(path: str, map_location: str | torch.device = "cpu") -> tuple[ResNet, dict[str, Any]]:
-    """(model in eval mode, meta) from a checkpoint folder or a run folder (its model/ or newest checkpoint)."""
-    state, meta = load_state(resolve_checkpoint(path), map_location=map_location)
-    if meta.get("kind") != "classifier" or "model" not in state:
-        raise ValueError(f"{path}: not a classifier checkpoint (meta kind {meta.get('kind')!r})")
-    model = resnet_from_meta(meta)
-    model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), meta
 
 
 ####################################################################################################################

@@ -29,8 +29,7 @@ import torch
 from fabdistill import storage
 from fabdistill.config import knob
 
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
+from fabdistill.checkpoints import META_FILE, STATE_FILE, load_state, resolve_checkpoint, save_state  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -78,12 +77,11 @@ def _storage_args(run: RunSection) -> dict:
     return {"storage_path": str(Path(run.storage_path).resolve())}
 
 
-@dataclasses.dataclass
-class TrainOutcome:
-    run_dir: str
-    checkpoint_dir: Optional[str]  # the exported final checkpoint (run_dir/model) or None
-    metrics: Optional[dict]        # metrics attached to the last checkpoint
-    error: Optional[BaseException]
+from fabdistill.methods import TrainOutcome  # noqa: E402  (one outcome type for every method)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by fault injection in an in-process run (a Ray worker exits instead)."""
 
 
 def launch(
@@ -98,25 +96,30 @@ def launch(
 ) -> TrainOutcome:
     """Run `loop(loop_config)` on `run.num_workers` DDP workers; resume if `run.name` already has checkpoints.
 
+    `run.num_workers=0` runs the same loop in this process (rank 0 of 1, no Ray), with the same checkpoints,
+    metrics, resume and fault injection: what a benchmark or a debugger runs is what trains on the cluster.
     `datasets` maps names to Parquet URIs (local or s3://); workers read them through Ray Data shards
     (`TrainSession.dataset(name)`). `full_config` (a config dataclass) is saved as config.yaml in the run folder.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    ensure_ray()
     out_dir = run_dir(run)
     storage.makedirs(out_dir)
     if full_config is not None:
         from fabdistill.config import save_config
         save_config(full_config, storage.join(out_dir, "config.yaml"))
+    worker_config = {"loop_config": loop_config, "run": dataclasses.asdict(run), "run_dir": out_dir,
+                     "datasets": dict(datasets or {})}
+    if run.num_workers == 0:
+        return _launch_in_process(loop, worker_config, run, out_dir, raise_on_error, extra_callbacks)
 
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
     ray_datasets = None
     if datasets:
         from data.parquet_io import ray_dataset
         ray_datasets = {name: ray_dataset(uri) for name, uri in datasets.items()}
 
-    worker_config = {"loop_config": loop_config, "run": dataclasses.asdict(run), "run_dir": out_dir}
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry(loop),
         train_loop_config=worker_config,
@@ -145,24 +148,97 @@ def launch(
     if result is not None and result.checkpoint is not None:
         metrics = result.metrics
         checkpoint_dir = storage.join(out_dir, "model")
-        _export_checkpoint(result.checkpoint, checkpoint_dir)
+        with result.checkpoint.as_directory() as src:
+            export_checkpoint(src, checkpoint_dir)
+    return _finish(run, out_dir, checkpoint_dir, metrics, error, raise_on_error)
+
+
+def _finish(run: RunSection, out_dir: str, checkpoint_dir: Optional[str], metrics: Optional[dict],
+            error: Optional[BaseException], raise_on_error: bool) -> TrainOutcome:
     if error is not None and raise_on_error:
         raise RuntimeError(f"training run '{run.name}' failed; checkpoints kept in {out_dir}; "
                            f"rerun the same command to resume") from error
     return TrainOutcome(out_dir, checkpoint_dir, metrics, error)
 
 
-def _export_checkpoint(checkpoint: Any, dest: str) -> None:
-    with checkpoint.as_directory() as src:
-        if storage.is_s3(dest):
-            storage.remove_tree(dest)
-            storage.upload_dir(src, dest)
+def _launch_in_process(loop: Callable[[dict], Any], worker_config: dict, run: RunSection, out_dir: str,
+                       raise_on_error: bool, callbacks: Optional[list]) -> TrainOutcome:
+    """num_workers=0: the loop in this process, restarted up to run.max_failures times like a worker group."""
+    if callbacks:
+        raise ValueError("run.num_workers=0 runs without Ray Train, so Ray Train callbacks (a Tune sweep) cannot "
+                         "attach; use run.num_workers >= 1")
+    failures = 0
+    error: Optional[BaseException] = None
+    while True:
+        session = TrainSession(worker_config, local=True)
+        TrainSession._current = session
+        try:
+            loop(worker_config["loop_config"])
+            error = None
+            break
+        except Exception as exc:
+            error = exc
+            if run.max_failures != -1 and failures >= run.max_failures:
+                break
+            failures += 1
+            print(f"[{run.name}] in-process run failed ({type(exc).__name__}: {exc}); restart {failures} "
+                  f"from the latest checkpoint", flush=True)
+        finally:
+            TrainSession._current = None
+    latest = latest_checkpoint(out_dir)
+    checkpoint_dir = metrics = None
+    if latest is not None:
+        checkpoint_dir = storage.join(out_dir, "model")
+        _, meta = load_state(latest)
+        metrics = meta.get("metrics")
+        if storage.is_s3(latest):
+            with tempfile.TemporaryDirectory() as tmp:
+                storage.download_dir(latest, tmp)
+                export_checkpoint(tmp, checkpoint_dir)
         else:
-            tmp = dest + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            export_checkpoint(latest, checkpoint_dir)
+    return _finish(run, out_dir, checkpoint_dir, metrics, error, raise_on_error)
+
+
+def export_checkpoint(src: str, dest: str) -> None:
+    """Copy a local checkpoint folder to `dest` (local or s3://), replacing what was there atomically on disk."""
+    if storage.is_s3(dest):
+        storage.remove_tree(dest)
+        storage.upload_dir(src, dest)
+    else:
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_step_{step:07d}"
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """The run folder's checkpoint_step_* folders, oldest first."""
+    if not storage.exists(out_dir):
+        return []
+    names = sorted(n for n in storage.listdir(out_dir) if n.startswith("checkpoint_step_"))
+    return [storage.join(out_dir, n) for n in names if storage.exists(storage.join(out_dir, n, STATE_FILE))]
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def write_checkpoint(out_dir: str, step: int, state: dict, meta: dict, num_to_keep: int) -> str:
+    """Write run_dir/checkpoint_step_N (local or s3://) and prune the oldest beyond `num_to_keep`."""
+    dest = storage.join(out_dir, checkpoint_name(step))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(tmp, state, meta)
+        export_checkpoint(tmp, dest)
+    for old in list_checkpoints(out_dir)[:-num_to_keep]:
+        storage.remove_tree(old)
+    return dest
 
 
 def _worker_entry(loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
@@ -173,76 +249,45 @@ def _worker_entry(loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     return train_loop_per_worker
 
 
-# --------------------------------------------------------------------------- checkpoints (weights only)
-
-def save_state(directory: str | Path, state: dict, meta: dict) -> None:
-    """Write a checkpoint folder: `state.pt` holds only tensors/state dicts/numbers, `meta.json` describes it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-
-
-def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Load (state, meta) from a checkpoint folder, local or s3://, with `weights_only=True` (no code execution)."""
-    directory = str(directory)
-    if storage.is_s3(directory):
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.download_dir(directory, tmp)
-            return load_state(tmp, map_location)
-    path = Path(directory)
-    state_path = path / STATE_FILE
-    if not state_path.exists():
-        raise FileNotFoundError(f"{path}: not a fabdistill checkpoint (no {STATE_FILE})")
-    try:
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{state_path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    meta_path = path / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return state, meta
-
-
-def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint folder, or a run folder (its exported `model/`, else its newest checkpoint_*)."""
-    def has_state(p: str) -> bool:
-        return storage.exists(storage.join(p, STATE_FILE))
-
-    if has_state(path):
-        return path
-    model = storage.join(path, "model")
-    if has_state(model):
-        return model
-    if storage.exists(path):
-        candidates = sorted(n for n in storage.listdir(path) if n.startswith("checkpoint_"))
-        for name in reversed(candidates):
-            if has_state(storage.join(path, name)):
-                return storage.join(path, name)
-    raise FileNotFoundError(f"{path}: no checkpoint found (expected {STATE_FILE}, a model/ folder or checkpoint_* folders)")
-
-
 # --------------------------------------------------------------------------- worker side
 
 class TrainSession:
-    """What a per-worker loop needs from Ray Train, in one object. Get it with `TrainSession.current()`."""
+    """What a per-worker loop needs from Ray Train, in one object. Get it with `TrainSession.current()`.
+
+    Contract of a loop: every rank calls `report()` at the same steps (it is a barrier), passing the same
+    arguments' kinds; `state=` asks for a checkpoint at that step, and the session decides that only rank 0
+    writes it and the metrics line. The same loop runs in-process when `run.num_workers=0` (`local=True`).
+    """
 
     _current: Optional["TrainSession"] = None
 
-    def __init__(self, worker_config: dict):
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank: int = ctx.get_world_rank()
-        self.world_size: int = ctx.get_world_size()
+    def __init__(self, worker_config: dict, local: bool = False):
+        self.local = local
         self.run = RunSection(**worker_config["run"])
         self.run_dir: str = worker_config["run_dir"]
-        self.device: torch.device = ray.train.torch.get_device()
+        self._datasets: dict[str, str] = worker_config.get("datasets", {})
+        if local:
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda" if self.run.use_gpu and torch.cuda.is_available() else "cpu")
+        else:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank = ctx.get_world_rank()
+            self.world_size = ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
         self.metrics_uri = storage.join(self.run_dir, "metrics.jsonl")
-        self._metric_lines: list[str] = []
+        self._metric_lines: Optional[list[str]] = None
         self._t0 = time.time()
+        self._restored: Optional[tuple[dict, dict]] = None
         self._restored_step: Optional[int] = None
+        self._restore_read = False
         torch.manual_seed(self.run.seed + self.rank)
+        if self.is_main:
+            # Rows written after the checkpoint we resume from (or by a run that never checkpointed) are replayed
+            # by this attempt: drop them so that metrics.jsonl holds every step once.
+            self._truncate_metrics(self._checkpoint_step())
 
     @classmethod
     def current(cls) -> "TrainSession":
@@ -257,15 +302,20 @@ class TrainSession:
     # --- models and data
     def prepare(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
         """Move to the device and wrap in DDP when there is more than one worker."""
-        import ray.train.torch
-
         if self.world_size > 1:
+            import ray.train.torch
+
             return ray.train.torch.prepare_model(
                 model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
         return model.to(self.device)
 
     def dataset(self, name: str = "train"):
-        """This worker's shard of a dataset given to `launch(datasets=...)` (a Ray DataIterator)."""
+        """This worker's shard of a dataset given to `launch(datasets=...)`: a Ray DataIterator, or in-process
+        an object with the same `iter_batches(batch_size=..., batch_format="numpy")`."""
+        if self.local:
+            if name not in self._datasets:
+                raise KeyError(f"dataset '{name}' was not passed to launch(datasets=...)")
+            return _LocalShard(self._datasets[name])
         import ray.train
 
         shard = ray.train.get_dataset_shard(name)
@@ -289,25 +339,52 @@ class TrainSession:
             raise ValueError(f"dataset '{name}' gave worker {self.rank} no rows (fewer rows than workers?)")
         return {key: torch.cat(values) for key, values in parts.items()}
 
+    def all_reduce_mean(self, values: list[float]) -> list[float]:
+        """Mean of each value over the workers (identity on one worker)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
     # --- checkpoints
+    def _read_checkpoint(self) -> Optional[tuple[dict, dict]]:
+        if self._restore_read:
+            return self._restored
+        self._restore_read = True
+        if self.local:
+            latest = latest_checkpoint(self.run_dir)
+            self._restored = load_state(latest) if latest is not None else None
+        else:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                with checkpoint.as_directory() as d:
+                    self._restored = load_state(d, map_location="cpu")
+        if self._restored is not None:
+            self._restored_step = self._restored[1].get("step")
+        return self._restored
+
+    def _checkpoint_step(self) -> int:
+        restored = self._read_checkpoint()
+        return int(self._restored_step or 0) if restored is not None else 0
+
     def restore(self) -> Optional[tuple[dict, dict]]:
         """(state, meta) of the latest checkpoint of this run, or None on a fresh start."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            state, meta = load_state(d, map_location="cpu")
-        self._restored_step = meta.get("step")
-        if self.is_main:
+        restored = self._read_checkpoint()
+        if restored is not None and self.is_main:
             print(f"[{self.run.name}] resuming from step {self._restored_step}", flush=True)
-        return state, meta
+        return restored
 
-    def report(self, metrics: dict, *, step: int, state: Optional[dict] = None, meta: Optional[dict] = None) -> None:
-        """A barrier: every worker calls it at the same steps. Rank 0's `state` (if given) becomes a checkpoint."""
-        import ray.train
+    def report(self, metrics: dict, *, step: int, state: Optional[dict | Callable[[], dict]] = None,
+               meta: Optional[dict] = None) -> None:
+        """A barrier: every rank calls it at the same steps with the same request.
 
+        `state` (a dict of state dicts, or a function that builds it) asks for a checkpoint at this step; every
+        rank passes it, only rank 0's is built and written. Metrics are rank 0's and written by rank 0."""
         metrics = {k: _plain(v) for k, v in metrics.items()}
         metrics["step"] = step
         metrics["elapsed_s"] = round(time.time() - self._t0, 3)
@@ -315,35 +392,86 @@ class TrainSession:
             self._write_metrics(metrics)
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[{self.run.name}] {shown}", flush=True)
-        if state is not None:
+        if state is None:
+            if not self.local:
+                import ray.train
+
+                ray.train.report(metrics)
+            return
+        full_meta = None
+        if self.is_main:
+            built = state() if callable(state) else state
+            full_meta = {"step": step, "metrics": metrics, **(meta or {})}
+        if self.local:
+            write_checkpoint(self.run_dir, step, built, full_meta, self.run.num_to_keep)
+        else:
+            import ray.train
+
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if self.is_main:
-                    save_state(tmp, state, {"step": step, "metrics": metrics, **(meta or {})})
+                    save_state(tmp, built, full_meta)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step_{step:07d}")
-            if step == self.run.crash_after_step and self._restored_step != step:
-                # The controller registers reported checkpoints on its poll (every ~2 s): wait past two polls so the
-                # crash happens "after a checkpoint", as in the failure this knob simulates.
-                time.sleep(5.0)
-                print(f"[{self.run.name}] fault injection: exiting after checkpoint at step {step}", flush=True)
-                sys.stdout.flush()
-                os._exit(1)
-        else:
-            ray.train.report(metrics)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+        if step == self.run.crash_after_step and self._restored_step != step:
+            self._inject_fault(step)
+
+    def _inject_fault(self, step: int) -> None:
+        """Every worker exits right after the checkpoint of `step` (the failure `run.crash_after_step` simulates)."""
+        if self.local:
+            raise InjectedFault(f"fault injection after the checkpoint of step {step}")
+        # The controller registers reported checkpoints on its poll (every ~2 s): wait past two polls so the
+        # crash happens "after a checkpoint", as in the failure this knob simulates.
+        time.sleep(5.0)
+        print(f"[{self.run.name}] fault injection: worker {self.rank} exits after the checkpoint of step {step}",
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def _truncate_metrics(self, max_step: int) -> None:
+        if not storage.exists(self.metrics_uri):
+            return
+        lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if line.strip() and json.loads(line).get("step", 0) <= max_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+        if len(kept) != len(lines):
+            storage.write_bytes(self.metrics_uri, "".join(line + "\n" for line in kept).encode())
+        self._metric_lines = kept
 
     def _write_metrics(self, metrics: dict) -> None:
         line = json.dumps(metrics)
         if storage.is_s3(self.metrics_uri):
             # Objects cannot be appended to: keep the run's lines and rewrite the (small) file.
-            if not self._metric_lines and storage.exists(self.metrics_uri):
-                self._metric_lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
+            if self._metric_lines is None:
+                self._metric_lines = (storage.read_bytes(self.metrics_uri).decode().splitlines()
+                                      if storage.exists(self.metrics_uri) else [])
             self._metric_lines.append(line)
             storage.write_bytes(self.metrics_uri, ("\n".join(self._metric_lines) + "\n").encode())
         else:
             Path(self.metrics_uri).parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_uri, "a") as f:
                 f.write(line + "\n")
+
+
+class _LocalShard:
+    """In-process stand-in for a Ray DataIterator over a Parquet dataset (num_workers=0)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def iter_batches(self, batch_size: int = 1024, batch_format: str = "numpy", **_: Any):
+        from data.parquet_io import read_dataset
+
+        table = read_dataset(self.uri)
+        for start in range(0, table.num_rows, batch_size):
+            part = table.slice(start, batch_size)
+            # fixed-size-list columns come out as object arrays of rows, as Ray Data hands them over
+            yield {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names}
 
 
 def read_metrics(run_directory: str) -> list[dict]:
