@@ -444,18 +444,25 @@ class TrainSession:
         self._metric_lines = kept
 
     def _write_metrics(self, metrics: dict) -> None:
-        line = json.dumps(metrics)
-        if storage.is_s3(self.metrics_uri):
-            # Objects cannot be appended to: keep the run's lines and rewrite the (small) file.
-            if self._metric_lines is None:
-                self._metric_lines = (storage.read_bytes(self.metrics_uri).decode().splitlines()
-                                      if storage.exists(self.metrics_uri) else [])
-            self._metric_lines.append(line)
-            storage.write_bytes(self.metrics_uri, ("\n".join(self._metric_lines) + "\n").encode())
-        else:
-            Path(self.metrics_uri).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_uri, "a") as f:
-                f.write(line + "\n")
+        if self._metric_lines is None and storage.is_s3(self.metrics_uri):
+            self._metric_lines = (storage.read_bytes(self.metrics_uri).decode().splitlines()
+                                  if storage.exists(self.metrics_uri) else [])
+        append_jsonl(self.metrics_uri, metrics, self._metric_lines)
+
+
+def append_jsonl(uri: str, row: dict, lines: Optional[list[str]] = None) -> None:
+    """Append one JSON row to a JSONL file, local or s3://. S3 objects cannot be appended to: pass the list of
+    lines written so far (kept by the caller) and the small file is rewritten."""
+    line = json.dumps(row, default=str)
+    if storage.is_s3(uri):
+        if lines is None:
+            lines = storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+        lines.append(line)
+        storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with open(uri, "a") as f:
+            f.write(line + "\n")
 
 
 class _LocalShard:
