@@ -1,12 +1,13 @@
-"""Argument helpers shared by the thin entry points in apps/."""
+"""Argument helpers shared by the thin entry points in apps/: config loading, method dispatch, clean errors."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from fabdistill.config import ConfigError, describe, dump_yaml, load_config
+from fabdistill.config import ConfigError, apply_overrides, describe, dump_yaml, from_dict, load_config
+from fabdistill.methods import MethodError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,29 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one knob, e.g. --set trainer.lr=3e-4 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every knob with its default and range")
+
+
+def method_parser(prog: str, doc: str, capability: str) -> argparse.ArgumentParser:
+    """A parser whose first argument is a registered method; --help lists the methods that can `capability`."""
+    from fabdistill.methods import describe_methods, method_names
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"methods that can {capability}:\n{describe_methods(capability)}")
+    parser.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(method_names())}")
+    return parser
+
+
+def get_capability(method_name: str, capability: str) -> tuple[Any, Any]:
+    """(Method, its resolved callable/space for `capability`); one clear line and exit 2 if it has none."""
+    from fabdistill.methods import get_method
+
+    try:
+        method = get_method(method_name)
+        return method, method.get(capability)
+    except MethodError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def resolve_config(config_cls: type, args: argparse.Namespace) -> Any | None:
@@ -33,10 +57,33 @@ def resolve_config(config_cls: type, args: argparse.Namespace) -> Any | None:
     return cfg
 
 
+def settings_from_args(settings_cls: Optional[type], overrides: list[str], shorthands: dict[str, Any],
+                       what: str) -> Any:
+    """A method's settings dataclass (EvalSettings, SampleSettings) from --set KEY=VALUE and shorthand flags
+    (--n, --steps, ... given on the command line: None means not given). Unknown keys fail naming the key."""
+    if settings_cls is None:
+        return None
+    data: dict[str, Any] = {}
+    known = set(getattr(settings_cls, "__dataclass_fields__", {}))
+    for key, value in shorthands.items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"--{key.replace('_', '-')}: this method's {what} have no '{key}' "
+                              f"(known: {', '.join(sorted(known))})")
+        data[key] = value
+    try:
+        data = apply_overrides(data, overrides)
+        return from_dict(settings_cls, data, source=f"{what} (command line)")
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run_cli(fn: Callable[[], Any]) -> Any:
     """Turn expected user errors into one clear line and a non-zero exit instead of a traceback."""
     try:
         return fn()
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # MethodError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

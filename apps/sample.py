@@ -1,34 +1,38 @@
-"""`python -m apps.sample ikddit --checkpoint RUN_OR_CKPT --n 64 --steps 50 --mask-ratio 0.5 --out DIR`
+"""`python -m apps.sample <method> --checkpoint RUN_OR_CKPT --out DIR [--n 64] [--steps 50] [--set key=value ...]`
 
-Samples overlay maps conditioned on equipment contexts (held-out synthetic ones, or those of a Parquet dataset
-given with --conditions), and writes them as Parquet (overlay schema) plus a PNG of dx/dy heat maps.
+Generates samples with a trained checkpoint and writes them as Parquet (the data kind's schema) plus a PNG grid.
+Each method's sample settings: `--help-settings`. Example (IKDDiT: overlay maps conditioned on equipment contexts):
+
+    python -m apps.sample ikddit --checkpoint runs/demo-student --n 64 --steps 50 --set mask_ratio=0.5 --out runs/s
 """
 
 from __future__ import annotations
 
-import argparse
-
-from apps.common import run_cli
+from apps.common import get_capability, method_parser, run_cli, settings_from_args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m apps.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=["ikddit"])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (local or s3://)")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--mask-ratio", type=float, default=None, help="student only; default: its training ratio")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--conditions", default="", help="overlay Parquet whose logs/IDs condition the samples")
-    parser.add_argument("--out", required=True, help="output folder (local or s3://)")
+    parser = method_parser("python -m apps.sample", __doc__, "sample")
+    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (local or s3://)")
+    parser.add_argument("--out", help="output folder (local or s3://)")
+    parser.add_argument("--n", type=int, default=None, help="samples to generate")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any sample setting of the method (see --help-settings)")
+    parser.add_argument("--help-settings", action="store_true", help="list the method's sample settings")
     args = parser.parse_args(argv)
-    from trainers.ikddit_sample import sample_to_files
+    method, sample = get_capability(args.method, "sample")
+    if args.help_settings:
+        from fabdistill.config import describe
 
-    run_cli(lambda: print(sample_to_files(args.checkpoint, n=args.n, steps=args.steps, mask_ratio=args.mask_ratio,
-                                          sampler=args.sampler, seed=args.seed, conditions=args.conditions,
-                                          out_dir=args.out)))
+        print("\n".join(describe(method.SampleSettings)) if method.SampleSettings else "(no settings)")
+        return
+    if not args.checkpoint or not args.out:
+        parser.error("--checkpoint and --out are required")
+    settings = settings_from_args(method.SampleSettings, args.overrides,
+                                  {"n": args.n, "steps": args.steps, "seed": args.seed}, "sample settings")
+    run_cli(lambda: print(sample(args.checkpoint, args.out, settings)))
 
 
 if __name__ == "__main__":

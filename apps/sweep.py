@@ -25,13 +25,16 @@ import sys
 
 from apps.common import run_cli
 from fabdistill.config import ConfigError, dump_yaml, from_dict, read_yaml
-from trainers import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fabdistill.methods import describe_methods, methods_with
+
     parser = argparse.ArgumentParser(prog="python -m apps.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", nargs="?", choices=sorted(METHODS), help="method (or `method:` in --sweep)")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"methods with a sweep space:\n{describe_methods('sweep')}")
+    parser.add_argument("method", nargs="?", choices=methods_with("sweep"),
+                        help="method (or `method:` in --sweep)")
     parser.add_argument("--sweep", help="sweep YAML (configs/sweep_*.yaml); the flags below override it")
     parser.add_argument("--config", help="the method's base config YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,26 +1,33 @@
 """`python -m apps.train <method> --config configs/<method>.yaml [--set key=value ...]`
 
 Runs on the embedded local Ray, or on a cluster under `ray job submit --working-dir . -- python -m apps.train ...`.
+`--set run.num_workers=0` runs the same training loop in this process (debugging, small benchmarks).
 """
 
 from __future__ import annotations
 
-import argparse
-
-from apps.common import add_config_args, resolve_config, run_cli
-from trainers import METHODS, method_module
+from apps.common import add_config_args, get_capability, method_parser, resolve_config, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m apps.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=sorted(METHODS))
+    parser = method_parser("python -m apps.train", __doc__, "train")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    module = method_module(args.method)
-    cfg = resolve_config(module.Config, args)
-    if cfg is not None:
-        run_cli(lambda: module.train(cfg))
+    method, train = get_capability(args.method, "train")
+    if args.config is None and method.default_config and not args.help_config:
+        print(f"[{method.name}] no --config given: using the defaults of {method.Config.__module__}.Config "
+              f"(e.g. --config {method.default_config})", flush=True)
+    cfg = resolve_config(method.Config, args)
+    if cfg is None:
+        return
+
+    def go() -> None:
+        outcome = train(cfg)
+        for name, phase in (outcome.phases or {"": outcome}).items():
+            label = f"{name}: " if name else ""
+            print(f"[{method.name}] {label}run {phase.run_dir}, checkpoint {phase.checkpoint_dir or '(none)'}")
+
+    run_cli(go)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class AshaSection:
 
 @dataclasses.dataclass
 class SweepConfig:
-    method: str = knob("ikddit", help="trainers.METHODS name with a space in tune/spaces.py")
+    method: str = knob("ikddit", help="a registered method with a sweep space (fabdistill/methods.py)")
     config: str = knob("", help="the method's base config YAML (empty: its defaults)")
     overrides: list[str] = knob([], help="KEY=VALUE overrides of the base config (like apps.train --set)")
     space: dict[str, Any] = knob({}, help="knob -> list of values or 'uniform|loguniform|randint:LOW:HIGH'")
@@ -110,8 +110,8 @@ def sweep_trial(config: dict, context: dict) -> None:
     base["run"]["name"] = trial_id
     base["run"]["storage_path"] = context["trials_dir"]
     cfg = trial_config(space, base, config, source=f"trial {trial_id}")
-    outcome = space.run_trial(cfg, [TuneReportCallback()])
-    trained = space.trained(outcome)
+    outcome = space.train_trial(cfg, [TuneReportCallback()])
+    trained = space.trained_run(outcome)
     scores = space.score(outcome, cfg, ScoreSettings(**context["score"]))
     last = trained.metrics or {}
     final = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
@@ -236,7 +236,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: Optional[l
         print(f"[sweep] {sweep_name(sweep)}: {sweep.method} over {', '.join(describe_axes(axes))} "
               f"({'random x' + str(sweep.trials) if random else 'grid'}, scheduler {sweep.scheduler}) in {folder}",
               flush=True)
-        trial_base = to_dict(space.prepare(user_cfg, folder))
+        trial_base = to_dict(space.prepare_base(user_cfg, folder))
         storage.write_bytes(base_file, dump_yaml(from_dict(config_class(sweep.method), trial_base)).encode())
         storage.write_bytes(storage.join(folder, "user_run.json"), json.dumps(to_dict(user_cfg.run)).encode())
 

@@ -2,13 +2,16 @@
 
 A method registers a :class:`MethodSpace`: knob aliases → dotted config paths (``mask_ratio`` →
 ``student.mask_ratio``), the score a sweep ranks by (name and mode, e.g. FID minimised), the training metric
-that ASHA may stop weak trials on, and four hooks:
+that ASHA may stop weak trials on, and hooks (all but `score` optional):
 
     prepare(cfg, sweep_dir) -> cfg      shared work done ONCE before any trial (IKDDiT: the teacher), returning
-                                        the base config every trial starts from
-    run_trial(cfg, callbacks) -> outcome   the method's normal `train(cfg)`, with Ray Train callbacks
-    trained(outcome) -> TrainOutcome    the run a trial trains (run_dir, checkpoint_dir, last metrics)
+                                        the base config every trial starts from (default: the user's config)
+    run_trial(cfg, callbacks) -> outcome   default: the method's own `train(cfg, callbacks)`
+    trained(outcome) -> TrainOutcome    the run a trial trains (default: the outcome, i.e. its final phase)
     score(outcome, cfg, settings) -> {score_name: ..., ...}
+
+A method declares its space in its own module and names it in its Method declaration (fabdistill/methods.py);
+this module holds only the machinery.
 
 Axes of a space (`--space KEY=SPEC`):
 
@@ -49,12 +52,25 @@ class MethodSpace:
     score_label: str                      # table heading, "{n}" filled with ScoreSettings.n
     early_stop_metric: str                # training metric ASHA compares trials on
     steps_path: str                       # config path of the trial's training steps (ASHA's max_t)
-    prepare: Callable[[Any, str], Any]
-    run_trial: Callable[[Any, Optional[list]], Any]
     score: Callable[[Any, Any, ScoreSettings], dict]
-    trained: Callable[[Any], Any]
+    prepare: Optional[Callable[[Any, str], Any]] = None     # None: every trial starts from the user's config
+    run_trial: Optional[Callable[[Any, Optional[list]], Any]] = None  # None: the method's own train(cfg, callbacks)
+    trained: Optional[Callable[[Any], Any]] = None          # None: the TrainOutcome itself (its final phase)
     reference: dict[str, dict[float, float]] = dataclasses.field(default_factory=dict)
     reference_label: str = ""             # where the reference numbers come from
+
+    def prepare_base(self, cfg: Any, sweep_dir: str) -> Any:
+        return self.prepare(cfg, sweep_dir) if self.prepare is not None else cfg
+
+    def train_trial(self, cfg: Any, callbacks: Optional[list]) -> Any:
+        if self.run_trial is not None:
+            return self.run_trial(cfg, callbacks)
+        from fabdistill.methods import get_method
+
+        return get_method(self.method).get("train")(cfg, callbacks=callbacks)
+
+    def trained_run(self, outcome: Any) -> Any:
+        return self.trained(outcome) if self.trained is not None else outcome
 
     def path_of(self, name: str) -> str:
         """Alias or dotted config path -> dotted config path (checked against the method's Config)."""
@@ -70,9 +86,9 @@ class MethodSpace:
 
 
 def config_class(method: str) -> type:
-    from trainers import method_module
+    from fabdistill.methods import get_method
 
-    return method_module(method).Config
+    return get_method(method).Config
 
 
 def check_path(cls: type, path: str, name: str) -> None:
@@ -172,111 +188,19 @@ def get_path(data: dict, path: str) -> Any:
     return node
 
 
-# --------------------------------------------------------------------------- IKDDiT
-
-IKDDIT_SHARED_RUN = "shared"  # <sweep>/shared/data (training set) and <sweep>/shared-teacher (the teacher)
-
-
-def _ikddit_prepare(cfg: Any, sweep_dir: str) -> Any:
-    """Generate the training set once and train the teacher once; every trial is then a student run.
-
-    A sweep over student knobs therefore costs one teacher run plus N student runs, not N teacher runs.
-    A teacher already given (`teacher_checkpoint`) or already trained in this sweep folder is reused.
-    """
-    from fabdistill import storage
-    from trainers import ikddit
-    from trainers.launch import resolve_checkpoint
-
-    shared_run = dataclasses.replace(cfg.run, name=IKDDIT_SHARED_RUN, storage_path=sweep_dir)
-    cfg = dataclasses.replace(cfg, run=shared_run)
-    uri, _ = ikddit.prepare_training_data(cfg)  # idempotent: generated once into <sweep>/shared/data
-    uri = _absolute(uri)  # trials run in Tune's trial folders: relative paths would not resolve there
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_uri=uri))
-    teacher = cfg.teacher_checkpoint
-    if not teacher:
-        done = storage.join(sweep_dir, f"{IKDDIT_SHARED_RUN}-teacher", "model")
-        if storage.exists(storage.join(done, "state.pt")):
-            print(f"[sweep] reusing the sweep's teacher {done}", flush=True)
-            teacher = done
-        else:
-            print(f"[sweep] training the shared teacher once ({cfg.teacher.steps} steps)", flush=True)
-            teacher = ikddit.train(dataclasses.replace(cfg, phase="teacher"))["teacher"].checkpoint_dir
-    else:
-        teacher = resolve_checkpoint(_absolute(teacher))
-    return dataclasses.replace(cfg, phase="student", teacher_checkpoint=teacher)
-
-
-def _absolute(uri: str) -> str:
-    from pathlib import Path
-
-    from fabdistill import storage
-
-    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
-
-
-def _ikddit_run(cfg: Any, callbacks: Optional[list]) -> Any:
-    from trainers import ikddit
-
-    return ikddit.train(cfg, callbacks=callbacks)
-
-
-def _ikddit_trained(outcome: Any) -> Any:
-    if not isinstance(outcome, dict) or "student" not in outcome:
-        raise ValueError("an IKDDiT sweep trial trains the student (phase student), but no student run came back")
-    return outcome["student"]
-
-
-def _ikddit_score(outcome: Any, cfg: Any, settings: ScoreSettings) -> dict:
-    """FID-N / KID of student samples (DDIM, the trial's mask ratio) against N held-out real maps.
-
-    The real maps come from the generator with HELD_OUT_SEED, never a training seed; samples are conditioned on
-    those maps' own equipment logs and IDs, so the score measures conditional generation too.
-    """
-    import torch
-
-    from metrics.fid import compute_fid_kid
-    from trainers.ikddit import IKDDiTPipeline
-    from trainers.ikddit_eval import HELD_OUT_SEED, held_out_set, sample_batched
-
-    if cfg.data.seed == HELD_OUT_SEED:
-        raise ValueError(f"data.seed {HELD_OUT_SEED} is the held-out seed FID compares against; pick another")
-    checkpoint = _ikddit_trained(outcome).checkpoint_dir
-    if checkpoint is None:
-        raise ValueError("the trial produced no student checkpoint to score")
-    pipe = IKDDiTPipeline.from_checkpoint(checkpoint)
-    real = held_out_set(settings.n, pipe.map_size, pipe.log_dim)
-    maps, spent = sample_batched(pipe, real["log"], real["equipment_id"], steps=settings.steps,
-                                 mask_ratio=cfg.student.mask_ratio, batch_size=settings.batch_size,
-                                 seed=settings.seed, label=f"student mask {cfg.student.mask_ratio}")
-    fid = compute_fid_kid(torch.from_numpy(maps), torch.from_numpy(real["maps"]), domain="overlay")
-    return {"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
-            "maps_per_s": settings.n / max(spent, 1e-9), "feature_extractor": fid["feature_extractor"]}
-
-
-IKDDIT = MethodSpace(
-    method="ikddit",
-    knobs={"mask_ratio": "student.mask_ratio", "lambda1": "student.lambda1", "lambda2": "student.lambda2",
-           "lr": "student.lr", "disc_lr": "student.disc_lr", "steps": "student.steps",
-           "batch_size": "student.batch_size", "ema_decay": "student.ema_decay"},
-    labels={"mask_ratio": "Mask Ratio", "lambda1": "λ1", "lambda2": "λ2", "lr": "lr"},
-    score_name="fid", score_mode="min", score_label="FID-{n}",
-    # The total loss carries λ-weighted terms, so comparing it across λ values would favour small λ;
-    # L_DSM is the term every trial shares.
-    early_stop_metric="loss_dsm",
-    steps_path="student.steps",
-    prepare=_ikddit_prepare, run_trial=_ikddit_run, score=_ikddit_score, trained=_ikddit_trained,
-    # The paper's ablation (FID-15k on MPOM): best at 50 %, collapsing at 70 %.
-    reference={"mask_ratio": {0.0: 27.46, 0.25: 26.06, 0.5: 24.66, 0.7: 123.85}},
-    reference_label="paper FID-15k",
-)
-
-SPACES: dict[str, MethodSpace] = {"ikddit": IKDDIT}
-
+# --------------------------------------------------------------------------- the methods' spaces
 
 def get_space(method: str) -> MethodSpace:
-    if method not in SPACES:
-        raise ConfigError(f"no sweep space registered for method '{method}' (known: {', '.join(sorted(SPACES))})")
-    return SPACES[method]
+    """The method's space, from its Method declaration (fabdistill/methods.py); a clear error if it has none."""
+    from fabdistill.methods import MethodError, get_method, methods_with
+
+    try:
+        space = get_method(method).get("sweep")
+    except MethodError as exc:
+        raise ConfigError(f"{exc}; methods with a sweep space: {', '.join(methods_with('sweep'))}") from None
+    if not isinstance(space, MethodSpace):
+        raise ConfigError(f"method '{method}' declares a space that is not a tune.spaces.MethodSpace")
+    return space
 
 
 def trial_config(space: MethodSpace, base: dict, point: dict[str, Any], *, source: str = "<trial>") -> Any:
