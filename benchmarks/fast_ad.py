@@ -7,7 +7,9 @@
      on the teacher's real labelled data.
 
 It trains its own teacher (labelled maps, seed 1, uniform classes) and DDPM prior (unlabelled maps, seed 2, another
-class mix) first, so it needs nothing but the repo. Results: benchmarks/results/fast_ad.{json,md}.
+class mix) first, through the same `train(cfg)` as `apps.train` (configs/classifier_wafer.yaml and
+configs/ddpm_wafer.yaml, in-process: run.num_workers=0), so it needs nothing but the repo. The sequential baseline
+is benchmarks/fast_ad_sequential.py. Results: benchmarks/results/fast_ad.{json,md}.
 
     python -m benchmarks.fast_ad                        # ~15 min on 2 idle CPU cores
     python -m benchmarks.fast_ad --student-steps 3000 --ddpm-steps 3000   # longer, better
@@ -57,14 +59,32 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _train_in_process(module: Any, config: str, work: Path, name: str, overrides: list[str]) -> str:
+    """Train through the method's own train(cfg) in this process (the loop apps.train runs), from scratch (a run
+    folder of the same name would otherwise be resumed); returns its exported model."""
+    import shutil
+
+    from fabdistill.config import load_config
+
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
+
+    cfg = load_config(module.Config, config, [*overrides, "run.num_workers=0", f"run.storage_path={work / 'runs'}",
+                                              f"run.name={name}"])
+    return module.train(cfg).checkpoint_dir
+
+
+def _exported(work: Path, name: str) -> Path:
+    return work / "runs" / name / "model"
+
+
 def _fast_ad_config(a: argparse.Namespace, work: Path, name: str, **cadr: Any) -> Any:
     from fabdistill.config import from_dict
     from trainers.fast_ad import Config
 
     cadr = {"ddim_steps": a.ddim_steps, "eta": a.eta, "bn_weight": a.bn_weight, **cadr}
     return from_dict(Config, {
-        "models": {"teacher_checkpoint": str(work / "teacher"), "diffusion_checkpoint": str(work / "ddpm"),
-                   "student_arch": a.student_arch},
+        "models": {"teacher_checkpoint": str(_exported(work, "teacher")),
+                   "diffusion_checkpoint": str(_exported(work, "ddpm")), "student_arch": a.student_arch},
         "cadr": cadr,
         "synthesis": {"num_workers": 1, "batch_size": a.synth_batch},
         "buffer": {"size": 4096},
@@ -79,14 +99,14 @@ def _fast_ad_config(a: argparse.Namespace, work: Path, name: str, **cadr: Any) -
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(argv)
     from benchmarks._common import write_results
-    from data.wafer import WAFER_CLASSES
-    from models.diffusion import GaussianDiffusion
-    from models.resnet_cifar import build_resnet, count_params
-    from models.unet import build_unet
-    from trainers.classifier import (evaluate_top1, fit_classifier, load_classifier, save_classifier,
-                                     wafer_tensors)
-    from trainers.ddpm import PRIOR_CLASS_WEIGHTS, _write_samples, fit_ddpm, load_ddpm, save_ddpm
-    from trainers.fast_ad import CADRSection, run_fast_ad, run_sequential, synthesize
+    from benchmarks.fast_ad_sequential import run_sequential
+    from data.seeds import WAFER_HELD_OUT
+    from fabdistill.inference.classifier import evaluate_top1, load_classifier
+    from models.resnet_cifar import count_params
+    from trainers import classifier, ddpm
+    from trainers.classifier import heldout_tensors
+    from trainers.ddpm import load_ddpm
+    from trainers.fast_ad import CADRSection, run_fast_ad, synthesize
 
     torch.set_num_threads(a.cpus)
     work = Path(a.work_dir).resolve()
@@ -98,44 +118,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["load_avg_1min"][phase] = round(os.getloadavg()[0], 2)
 
     note_load("start")
-    x_eval, y_eval = wafer_tensors(a.heldout_n, seed=9001, size=a.size)
+    x_eval, y_eval = heldout_tensors(None, None, a.heldout_n, WAFER_HELD_OUT, a.size)
 
     # --- 1. teacher and the real-data reference student (seed 1, uniform classes) ------------------------------
-    x_tr, y_tr = wafer_tensors(a.teacher_n, seed=1, size=a.size)
-    if a.reuse and (work / "teacher" / "state.pt").exists():
-        teacher, _ = load_classifier(str(work / "teacher"))
-    else:
+    labelled = [f"data.n_train={a.teacher_n}", f"data.n_eval={a.heldout_n}", f"data.size={a.size}",
+                f"optim.epochs={a.teacher_epochs}", "optim.batch_size=64", "optim.lr=0.05"]
+    if not (a.reuse and (_exported(work, "teacher") / "state.pt").exists()):
         t = time.time()
-        torch.manual_seed(0)
-        teacher = build_resnet(a.teacher_arch, len(WAFER_CLASSES), 1)
-        fit_classifier(teacher, x_tr, y_tr, epochs=a.teacher_epochs, batch_size=64, lr=0.05)
-        save_classifier(str(work / "teacher"), teacher, "wafer_pm1", list(WAFER_CLASSES))
+        _train_in_process(classifier, "configs/classifier_wafer.yaml", work, "teacher",
+                          [*labelled, f"model.arch={a.teacher_arch}"])
         res["teacher_train_s"] = time.time() - t
+    teacher, _ = load_classifier(str(_exported(work, "teacher")))
     res["teacher_top1"] = evaluate_top1(teacher, x_eval, y_eval)
     res["teacher_params"] = count_params(teacher)
     print(f"[bench] teacher {a.teacher_arch}: held-out top-1 {res['teacher_top1']:.4f}", flush=True)
     t = time.time()
-    torch.manual_seed(0)
-    real_student = build_resnet(a.student_arch, len(WAFER_CLASSES), 1)
-    fit_classifier(real_student, x_tr, y_tr, epochs=a.teacher_epochs, batch_size=64, lr=0.05)
+    real_student, _ = load_classifier(_train_in_process(classifier, "configs/classifier_wafer.yaml", work,
+                                                        f"student_real_{int(time.time())}",
+                                                        [*labelled, f"model.arch={a.student_arch}"]))
     res["student_real_top1"] = evaluate_top1(real_student, x_eval, y_eval)
     res["student_real_train_s"] = time.time() - t
     res["student_params"] = count_params(real_student)
     print(f"[bench] student {a.student_arch} on real labelled data: {res['student_real_top1']:.4f}", flush=True)
 
-    # --- 2. DDPM prior on unlabelled maps (seed 2, another class mix) -------------------------------------------
-    if a.reuse and (work / "ddpm" / "state.pt").exists():
-        unet, diffusion, _ = load_ddpm(str(work / "ddpm"))
-    else:
+    # --- 2. DDPM prior on unlabelled maps (seed 2, another class mix: configs/ddpm_wafer.yaml) -----------------
+    if not (a.reuse and (_exported(work, "ddpm") / "state.pt").exists()):
         t = time.time()
-        x_prior, _ = wafer_tensors(a.ddpm_n, seed=2, size=a.size, class_weights=PRIOR_CLASS_WEIGHTS)
-        diffusion = GaussianDiffusion(1000)
-        torch.manual_seed(0)
-        unet = fit_ddpm(build_unet(a.ddpm_size, 1, a.size), diffusion, x_prior, steps=a.ddpm_steps,
-                        batch_size=a.ddpm_batch, lr=2e-3, ema_decay=0.99, log_every=200)
-        save_ddpm(str(work / "ddpm"), unet, diffusion)
-        _write_samples(unet, diffusion, 16, str(work / "ddpm"), 0, "wafer_pm1")
+        _train_in_process(ddpm, "configs/ddpm_wafer.yaml", work, "ddpm",
+                          [f"data.n_train={a.ddpm_n}", f"data.size={a.size}", f"model.size={a.ddpm_size}",
+                           f"optim.steps={a.ddpm_steps}", f"optim.batch_size={a.ddpm_batch}", "optim.lr=0.002",
+                           "optim.ema_decay=0.99", "optim.log_every=200", f"optim.checkpoint_every={a.ddpm_steps}",
+                           "optim.sample_count=16"])
         res["ddpm_train_s"] = time.time() - t
+    unet, diffusion, _ = load_ddpm(str(_exported(work, "ddpm")))
 
     # --- 3. DDIM-50 vs DDPM-1000 (and CADR's cost) on the same batch --------------------------------------------
     shape = (a.timing_batch, 1, a.size, a.size)
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=a.cpus, log_to_driver=True)
+        ray.init(num_cpus=a.cpus, log_to_driver=True)  # before run_fast_ad's ensure_ray: our CPU count
     cfg = _fast_ad_config(a, work, f"cadr_{int(time.time())}")
     note_load("concurrent")
     conc = run_fast_ad(cfg)
@@ -239,7 +254,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"| **DDIM-50 speed-up** | **×{r['ddim_speedup']:.1f}** |",
         f"| CADR-guided DDIM-50, batch {a['timing_batch']} | {r['cadr_ddim50_s']:.1f} s |",
         "",
-        "## Held-out top-1 on real wafer maps (1000 maps the students never see)",
+        f"## Held-out top-1 on real wafer maps ({a['heldout_n']} maps the students never see)",
         "",
         "| model | data it learned from | top-1 | of teacher |",
         "|---|---|---|---|",

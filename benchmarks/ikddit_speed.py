@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import write_results  # noqa: E402
-from trainers.ikddit import IKDDiTPipeline, ModelSection, build_networks  # noqa: E402
+from fabdistill.inference.ikddit import IKDDiTPipeline, build_networks  # noqa: E402
+from trainers.ikddit import ModelSection  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

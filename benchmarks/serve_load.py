@@ -3,11 +3,12 @@
     python -m benchmarks.serve_load                       # tiny student, 32 clients, 20 s per mode
     python -m benchmarks.serve_load --checkpoint runs/ikddit-tiny-student --duration 60 --clients 64
 
-Starts a local Ray and Serve (HTTP on 127.0.0.1 only), deploys serve.app twice — batched (`max_batch_size`,
-`batch_wait_timeout_s`) and unbatched (`max_batch_size=1`) — on one replica each, drives each with N concurrent
-clients over loopback for a fixed time, and prints throughput (req/s), p50/p99 latency and the batched /
-unbatched ratios. Writes benchmarks/results/serve_load.json and .md. Clients run in this process: on a small
-machine they compete with the replica for CPU, which the table records (cpu_count, load average).
+Starts a local Ray and Serve (HTTP on 127.0.0.1 only), deploys the IKDDiT student (serve/students/ikddit.py)
+twice — batched (`max_batch_size`, `batch_wait_timeout_s`) and unbatched (`max_batch_size=1`) — on one replica
+each, drives each with N concurrent clients over loopback for a fixed time, and prints throughput (req/s),
+p50/p99 latency and the batched / unbatched ratios. Writes benchmarks/results/serve_load.json and .md. Clients
+run in this process: on a small machine they compete with the replica for CPU, which the table records
+(cpu_count, load average).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     from ikddit_fixture import equipment_logs, free_port, write_tiny_student
-    from serve.app import IKDDiTStudent, Ingress
+    from serve.framework import Ingress, student_deployment
+    from serve.students.ikddit import IKDDiTStudent
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
     checkpoint = args.checkpoint or str(write_tiny_student(Path(tmp.name) / "student"))
@@ -122,12 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict] = {}
     try:
         for mode, (max_batch_size, wait) in modes.items():
-            student = IKDDiTStudent.options(num_replicas=1, ray_actor_options={"num_cpus": args.replica_cpus},
-                                            max_ongoing_requests=max(2 * args.clients, 8))
-            app = Ingress.bind({"ikddit": student.bind({"checkpoint": checkpoint, "max_batch_size": max_batch_size,
-                                                        "batch_wait_timeout_s": wait, "max_n": max(args.n, 1),
-                                                        "max_steps": max(args.steps, 1)})},
-                               {"ikddit": ["generate"]}, request_timeout_s=300.0)
+            student = student_deployment(IKDDiTStudent, num_replicas=1,
+                                         ray_actor_options={"num_cpus": args.replica_cpus},
+                                         max_ongoing_requests=max(2 * args.clients, 8))
+            student_args = {"checkpoint": checkpoint, "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait,
+                            "max_n": max(args.n, 1), "max_steps": max(args.steps, 1)}
+            app = Ingress.bind({IKDDiTStudent.kind: student.bind(IKDDiTStudent, student_args)},
+                               {IKDDiTStudent.kind: list(IKDDiTStudent.actions)}, request_timeout_s=300.0)
             serve.run(app, name="serve-load", route_prefix="/")
             load_before = os.getloadavg()[0]
             print(f"[serve_load] {mode}: max_batch_size={max_batch_size}, {args.clients} clients, "

@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 
 from data.overlay import NUM_IDS, grid_coordinates, overlay_table
-from data.parquet_io import to_fixed_list
-from data.wafer import WAFER_CLASSES, wafer_table
+from data.schema import WAFER_CLASSES, to_fixed_list
+from data.wafer import wafer_table
 
 
 class DataImportError(ValueError):

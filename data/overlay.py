@@ -7,7 +7,7 @@ Geometry (:func:`grid_coordinates`)
     (26 x 33 by default) tile the wafer with one field centred on the wafer centre; intrafield coordinates are
     x = X - fx round(X / fx), y = Y - fy round(Y / fy).
 
-Linear 10-term model (:data:`LINEAR_TERMS`, :func:`linear_overlay`, :func:`fit_linear_terms`)
+Linear 10-term model (:data:`LINEAR_TERMS`, :func:`linear_overlay`, :func:`linear_terms_lstsq`)
     dx = tx + mwx X - rwx Y + mfx x - rfx y
     dy = ty + mwy Y + rwy X + mfy y + rfy x
     tx, ty translation [nm]; mwx, mwy wafer scaling [ppm]; rwx, rwy wafer rotation [urad] (rotation =
@@ -152,7 +152,7 @@ def linear_overlay(terms: np.ndarray, coords: dict[str, np.ndarray]) -> np.ndarr
     return out[0] if single else out
 
 
-def fit_linear_terms(maps: np.ndarray, coords: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def linear_terms_lstsq(maps: np.ndarray, coords: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares fit of the 10-term model over valid pixels, batched.
 
     maps (N, 2, H, W) or (2, H, W) in nm -> (terms (N, 10), residual (N, 2, H, W), 0 off-wafer)
@@ -332,6 +332,7 @@ def generate_overlay(
     field_mm: tuple[float, float] = (26.0, 33.0),
     fingerprint_seed: int = 2024,
     start: int = 0,
+    context_seed: int | None = None,
 ) -> pa.Table:
     """``n`` overlay maps as an Arrow table in the "overlay" schema (see data/parquet_io.py).
 
@@ -339,6 +340,12 @@ def generate_overlay(
     chunk, so ``generate_overlay(n, s)`` equals the concatenation of chunks with matching ``start``.
     ``higher_order=False`` drops the 3rd-order / edge terms and ``wafer_noise=False`` the per-wafer random
     term offsets (useful to test fits and conditioning).
+
+    ``context_seed`` draws each sample's equipment context (lot → scanner and reticle, slot → chuck, numeric
+    logs, hence log vector and equipment_id) as ``generate_overlay(n, seed=context_seed)`` would, while its
+    wafer terms and measurement noise still come from ``seed``: real maps with exactly the contexts of another
+    set but independent noise (the context-matched floor of an FID table). ``context_seed=seed`` is the plain
+    ``generate_overlay(n, seed)``.
     """
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
@@ -368,15 +375,21 @@ def generate_overlay(
     noise = np.zeros((n, 2, height, width))
     lot_ids, wafer_ids = [], []
     lots: dict[int, tuple[int, int, np.ndarray]] = {}
+    ctx_seed = seed if context_seed is None else int(context_seed)
     for i in range(n):
         g = start + i
         lot, slot = divmod(g, wafers_per_lot)
         if lot not in lots:
-            rl = np.random.default_rng([seed, lot, 1])
+            rl = np.random.default_rng([ctx_seed, lot, 1])
             lots[lot] = (int(rl.integers(num_scanners)), int(rl.integers(num_reticles)), rl.normal(size=k))
         s, r, z_lot = lots[lot]
         rw = np.random.default_rng([seed, g, 2])
-        z = 0.8 * z_lot + 0.6 * rw.normal(size=k)  # lot-level conditions dominate, wafers vary around them
+        z_wafer = rw.normal(size=k)
+        if ctx_seed != seed:
+            # The context's own wafer-level log draw. rw made its log draw above all the same, so the wafer terms
+            # and noise below are exactly those that `seed` alone gives.
+            z_wafer = np.random.default_rng([ctx_seed, g, 2]).normal(size=k)
+        z = 0.8 * z_lot + 0.6 * z_wafer  # lot-level conditions dominate, wafers vary around them
         raw = mean + std * z
         # lens heating follows the dose (more energy through the lens), plus its own scatter
         raw[_LH] = np.clip(0.5 + 0.15 * (raw[_DOSE] - mean[_DOSE]) / std[_DOSE] + 0.15 * z[_LH], 0.0, 1.0)
@@ -384,8 +397,9 @@ def generate_overlay(
         wafer_terms[i] = rw.normal(0.0, wafer_sd)
         wafer_ho[i] = rw.normal(0.0, HIGHER_STD["wafer"])
         noise[i] = rw.normal(0.0, 1.0, size=(2, height, width))
-        lot_ids.append(f"S{seed}-L{lot:06d}")
-        wafer_ids.append(f"S{seed}-L{lot:06d}-W{slot + 1:02d}")
+        lot_ids.append(f"S{ctx_seed}-L{lot:06d}")
+        # Another seed's wafer in this context is another wafer: its own ID.
+        wafer_ids.append(f"S{ctx_seed}-L{lot:06d}-W{slot + 1:02d}" + (f"-N{seed}" if ctx_seed != seed else ""))
 
     terms = (
         fp["scanner"][scanner]

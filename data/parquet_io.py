@@ -40,18 +40,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.schema import (  # noqa: F401  (re-exported: data/overlay.py and callers import them from here)
+    KINDS,
+    META_KIND,
+    META_SHAPES,
+    META_VERSION,
+    NUM_SEM_DEFECTS,
+    NUM_WAFER_CLASSES,
+    SCHEMA_VERSION,
+    SchemaError,
+    from_fixed_list,
+    table_kind,
+    to_fixed_list,
+)
 from fabdistill import storage
-
-KINDS: tuple[str, ...] = ("overlay", "wafer", "sem", "image")
-SCHEMA_VERSION = "1"
-META_KIND = b"fabdistill.kind"
-META_VERSION = b"fabdistill.schema_version"
-META_SHAPES = b"fabdistill.shapes"
-
-
-class SchemaError(ValueError):
-    """A table does not match the schema of its kind."""
-
 
 # name -> ("list", value type, shape) or ("scalar", arrow type). Shape entries: int, "C"/"H"/"W" (from the
 # shape columns) or None (any fixed length).
@@ -115,34 +117,8 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
 
 
 # ------------------------------------------------------------------------------------------------------------
-# arrays <-> Arrow
+# array shapes (the Arrow <-> numpy helpers live in data/schema.py)
 # ------------------------------------------------------------------------------------------------------------
-
-
-def to_fixed_list(arr: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, ...) numpy array -> fixed_size_list column of length N, each row the flattened (C-order) sample."""
-    arr = np.ascontiguousarray(arr)
-    if arr.ndim < 2:
-        raise ValueError(f"expected an (N, ...) array, got shape {arr.shape}")
-    size = int(np.prod(arr.shape[1:]))
-    if size == 0:
-        raise ValueError(f"samples must not be empty, got shape {arr.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), size)
-
-
-def from_fixed_list(col: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
-    """fixed_size_list column -> numpy array (N, *shape)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks else pa.array([], type=col.type)
-    values = col.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape((len(col), *shape))
-
-
-def table_kind(table: pa.Table) -> str | None:
-    """The kind recorded in the schema metadata, or None."""
-    meta = table.schema.metadata or {}
-    kind = meta.get(META_KIND)
-    return kind.decode() if kind else None
 
 
 def column_shapes(table: pa.Table, kind: str) -> dict[str, tuple[int, ...]]:
@@ -234,18 +210,14 @@ def validate_table(table: pa.Table, kind: str) -> dict[str, tuple[int, ...]]:
         _check_range(table, "log", -1e6, 1e6, kind)
         _check_range(table, "equipment_id", 0, 999, kind)
     elif kind == "wafer":
-        from data.wafer import WAFER_CLASSES
-
         _check_range(table, "wafer_map", 0, 2, kind)
         _check_range(table, "pattern_mask", 0, 1, kind)
-        _check_range(table, "label", -1, len(WAFER_CLASSES) - 1, kind)
+        _check_range(table, "label", -1, NUM_WAFER_CLASSES - 1, kind)
     elif kind == "sem":
-        from data.sem import SEM_DEFECTS
-
         for c in ("image", "clean"):
             _check_range(table, c, 0.0, 1.0, kind)
         _check_range(table, "mask", 0, 1, kind)
-        _check_range(table, "defect", 0, len(SEM_DEFECTS) - 1, kind)
+        _check_range(table, "defect", 0, NUM_SEM_DEFECTS - 1, kind)
         if table.num_rows:
             diff = from_fixed_list(table["image"], shapes["image"]) != from_fixed_list(
                 table["clean"], shapes["clean"]

@@ -29,9 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from data.parquet_io import to_fixed_list
-
-SEM_DEFECTS: tuple[str, ...] = ("bridge", "break", "line_collapse", "particle")
+from data.schema import SEM_DEFECTS, to_fixed_list  # noqa: F401  (SEM_DEFECTS re-exported)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, corr: float) -> np.ndarray:

@@ -26,19 +26,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from data.parquet_io import to_fixed_list
+from data.schema import NUM_WAFER_CLASSES, WAFER_CLASSES, to_fixed_list  # noqa: F401  (WAFER_CLASSES re-exported)
 
-WAFER_CLASSES: tuple[str, ...] = (
-    "Center",
-    "Donut",
-    "Edge-Loc",
-    "Edge-Ring",
-    "Loc",
-    "Near-full",
-    "Random",
-    "Scratch",
-    "none",
-)
 OFF, PASS, FAIL = 0, 1, 2
 
 
@@ -53,9 +42,10 @@ def wafer_geometry(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def class_probabilities(class_weights: Mapping[str, float] | Sequence[float] | None) -> np.ndarray:
-    """Normalised class mix (9,) from a {class: weight} mapping, a 9-sequence, or None (uniform)."""
+    """Normalised class mix (NUM_WAFER_CLASSES,) from a {class: weight} mapping, a sequence of that length, or None
+    (uniform)."""
     if class_weights is None:
-        return np.full(len(WAFER_CLASSES), 1.0 / len(WAFER_CLASSES))
+        return np.full(NUM_WAFER_CLASSES, 1.0 / NUM_WAFER_CLASSES)
     if isinstance(class_weights, Mapping):
         unknown = set(class_weights) - set(WAFER_CLASSES)
         if unknown:
@@ -63,9 +53,9 @@ def class_probabilities(class_weights: Mapping[str, float] | Sequence[float] | N
         w = np.array([float(class_weights.get(c, 0.0)) for c in WAFER_CLASSES])
     else:
         w = np.asarray(list(class_weights), dtype=float)
-        if w.shape != (len(WAFER_CLASSES),):
+        if w.shape != (NUM_WAFER_CLASSES,):
             raise ValueError(
-                f"class_weights needs {len(WAFER_CLASSES)} entries {WAFER_CLASSES}, got {w.shape}"
+                f"class_weights needs {NUM_WAFER_CLASSES} entries {WAFER_CLASSES}, got {w.shape}"
             )
     if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"class_weights must be finite, >= 0 and not all zero, got {w.tolist()}")
@@ -168,7 +158,7 @@ def generate_wafer(
     for i in range(n):
         g = start + i
         rng = np.random.default_rng([seed, g, 3])
-        labels[i] = rng.choice(len(WAFER_CLASSES), p=probs)
+        labels[i] = rng.choice(NUM_WAFER_CLASSES, p=probs)
         maps[i], masks[i] = wafer_sample(WAFER_CLASSES[labels[i]], rng, size, background_rate)
         lot, slot = divmod(g, wafers_per_lot)
         lot_ids.append(f"S{seed}-L{lot:06d}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data.overlay import LINEAR_TERMS, fit_linear_terms, grid_coordinates
+from data.overlay import LINEAR_TERMS, linear_terms_lstsq, grid_coordinates
 
 AXES = ("x", "y")
 
@@ -76,7 +76,7 @@ def overlay_stats(maps_nm: Any, coords: Optional[dict[str, np.ndarray]] = None) 
     if not np.isfinite(m[:, :, coords["valid"]]).all():
         raise ValueError("maps contain NaN or inf on valid sites")
     valid = coords["valid"].reshape(-1)
-    terms, resid = fit_linear_terms(m, coords)                     # (N, 10), (N, 2, H, W)
+    terms, resid = linear_terms_lstsq(m, coords)                     # (N, 10), (N, 2, H, W)
     flat_raw = m.reshape(n, 2, -1)
     flat_res = resid.reshape(n, 2, -1).astype(np.float64)
     raw = {a: mean_plus_3sigma(flat_raw[:, i], valid) for i, a in enumerate(AXES)}

@@ -336,17 +336,36 @@ def random_masking(
     [kept, masked] tokens with it restores the grid), mask (N, L) bool, True where masked.
     mask_ratio = 0 keeps every token in order and draws no random numbers.
     """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return random_masking_many([n], [generator], L, mask_ratio, device)
+
+
+def random_masking_many(
+    sizes: list[int],
+    generators: list[torch.Generator | None],
+    L: int,
+    mask_ratio: float,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`random_masking` for consecutive groups of rows, group i (``sizes[i]`` rows) drawing from
+    ``generators[i]``: rows get exactly the masks each group would get alone, with one shuffle for all.
+
+    Returns ids_keep (N, L_keep), ids_restore (N, L), mask (N, L) as random_masking, N = sum(sizes).
+    """
+    if len(sizes) != len(generators):
+        raise ValueError(f"need one generator per group: {len(sizes)} sizes, {len(generators)} generators")
     mask_ratio = _check_mask_ratio(mask_ratio)
     len_keep = int(L * (1 - mask_ratio))
     if len_keep < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no token of L={L}; lower mask_ratio")
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
+    n = sum(sizes)
     if len_keep == L:
         ids_shuffle = torch.arange(L, device=device).expand(n, L)
     else:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.rand(n, L, generator=generator, device=gen_device).to(device)  # (N, L)
+        # Each group's draw on its generator's own device (torch requires it), then one device for all.
+        noise = torch.cat([torch.rand(k, L, generator=g, device=g.device if g is not None else device).to(device)
+                           for k, g in zip(sizes, generators)])  # (N, L)
         ids_shuffle = torch.argsort(noise, dim=1)  # (N, L), ascending: the first len_keep are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (N, L)
     ids_keep = ids_shuffle[:, :len_keep].contiguous()  # (N, L_keep)
@@ -742,6 +761,64 @@ DIT_SIZES: dict[str, dict] = {
 _SIZE_DEFAULTS = dict(mlp_ratio=4.0, attn_drop=0.0)
 
 
+NETWORKS = ("teacher", "student", "embedding", "discriminator")
+
+
+def dit_config(size: str, patch_size: int | None = None, **overrides) -> dict:
+    """The resolved hyperparameters of a named size: ``DIT_SIZES[size]`` with defaults and ``overrides``.
+
+    ``patch_size=None`` takes the size's default. Unknown sizes or override names raise ValueError.
+    """
+    if size not in DIT_SIZES:
+        raise ValueError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    cfg = {**_SIZE_DEFAULTS, **DIT_SIZES[size]}
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ValueError(f"unknown build_dit option(s) {unknown}; known: {sorted(cfg)}")
+    cfg.update(overrides)
+    if patch_size is not None:
+        cfg["patch_size"] = patch_size
+    return cfg
+
+
+def build_network(
+    name: str,
+    size: str,
+    *,
+    input_size: int = 32,
+    in_channels: int = 2,
+    patch_size: int | None = None,
+    log_dim: int = 128,
+    num_ids: int = 1000,
+    **overrides,
+) -> nn.Module:
+    """Build ONE network of the IKDDiT family (teacher | student | embedding | discriminator) at a named size.
+
+    What inference uses: a served student allocates neither the teacher nor the discriminator. Arguments as
+    in :func:`build_dit`; the same arguments give the same architecture as ``build_dit(...)[name]``.
+    """
+    if name not in NETWORKS:
+        raise ValueError(f"unknown IKDDiT network {name!r}; choose one of {NETWORKS}")
+    cfg = dit_config(size, patch_size, **overrides)
+    common = dict(
+        input_size=input_size, patch_size=cfg["patch_size"], in_channels=in_channels,
+        hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+        mlp_ratio=cfg["mlp_ratio"], ctx_dim=cfg["embed_dim"], attn_drop=cfg["attn_drop"],
+    )
+    if name == "teacher":
+        return DiT(**common)
+    if name == "student":
+        return MaskedStudentDiT(decoder_depth=cfg["decoder_depth"], **common)
+    if name == "embedding":
+        return ContrastiveEmbedding(log_dim=log_dim, num_ids=num_ids, embed_dim=cfg["embed_dim"],
+                                    in_channels=in_channels)
+    return ImplicitDiscriminator(
+        token_dim=cfg["hidden_size"], grid_size=input_size // cfg["patch_size"],
+        hidden_size=cfg["disc_hidden"], depth=cfg["disc_depth"], num_heads=cfg["disc_heads"],
+        mlp_ratio=cfg["mlp_ratio"],
+    )
+
+
 def build_dit(
     size: str,
     *,
@@ -756,30 +833,9 @@ def build_dit(
 
     ``patch_size=None`` takes the size's default. ``overrides`` replace entries of ``DIT_SIZES[size]``
     (depth, hidden_size, num_heads, decoder_depth, embed_dim, mlp_ratio, attn_drop, disc_hidden, disc_depth,
-    disc_heads); unknown names raise ValueError.
+    disc_heads); unknown names raise ValueError. Networks are built in the order of ``NETWORKS``, so a seeded
+    call initialises them as before.
     """
-    if size not in DIT_SIZES:
-        raise ValueError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
-    cfg = {**_SIZE_DEFAULTS, **DIT_SIZES[size]}
-    unknown = sorted(set(overrides) - set(cfg))
-    if unknown:
-        raise ValueError(f"unknown build_dit option(s) {unknown}; known: {sorted(cfg)}")
-    cfg.update(overrides)
-    if patch_size is not None:
-        cfg["patch_size"] = patch_size
-    common = dict(
-        input_size=input_size, patch_size=cfg["patch_size"], in_channels=in_channels,
-        hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=cfg["num_heads"],
-        mlp_ratio=cfg["mlp_ratio"], ctx_dim=cfg["embed_dim"], attn_drop=cfg["attn_drop"],
-    )
-    return {
-        "teacher": DiT(**common),
-        "student": MaskedStudentDiT(decoder_depth=cfg["decoder_depth"], **common),
-        "embedding": ContrastiveEmbedding(log_dim=log_dim, num_ids=num_ids, embed_dim=cfg["embed_dim"],
-                                          in_channels=in_channels),
-        "discriminator": ImplicitDiscriminator(
-            token_dim=cfg["hidden_size"], grid_size=input_size // cfg["patch_size"],
-            hidden_size=cfg["disc_hidden"], depth=cfg["disc_depth"], num_heads=cfg["disc_heads"],
-            mlp_ratio=cfg["mlp_ratio"],
-        ),
-    }
+    return {name: build_network(name, size, input_size=input_size, in_channels=in_channels,
+                                patch_size=patch_size, log_dim=log_dim, num_ids=num_ids, **overrides)
+            for name in NETWORKS}

@@ -39,10 +39,7 @@ from torch import Tensor, nn
 
 from models.unet import AttnBlock, Downsample, ResBlock, Upsample, _norm
 
-try:  # the EDM core is moving from models/diffusion.py to models/edm.py (same names)
-    from models.edm import EDMPrecond, edm_precond_coeffs
-except ImportError:  # pragma: no cover - only before the move lands
-    from models.diffusion import EDMPrecond, edm_precond_coeffs  # type: ignore[attr-defined,no-redef]
+from models.edm import EDMPrecond, edm_precond_coeffs
 
 __all__ = [
     "EDMUNetSpec",

@@ -9,20 +9,21 @@ domain label, so its features capture what conditional generation must reproduce
     wafer    (1, H, W) 0 no die/1 pass/2 fail  the nine WM-811K pattern classes
     sem      (1, H, W) grey level in [0, 1]  defect type
 
-Input encoding (fixed, part of the weights file): ``x_net = (x_native - offset) / scale`` with
+Input encoding (data/encoding.py, fixed, part of the weights file): ``x_net = (x_native - offset) / scale`` with
 overlay offset 0, scale 20 nm; wafer offset 1, scale 1 (→ −1, 0, +1); SEM offset 0.5, scale 0.5 (→ [−1, 1]).
 The net is fully convolutional with global average pooling, so 32×32 and 64×64 inputs both work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data.encoding import Encoding, encoding_for
 
 WEIGHTS_FORMAT = "fabdistill-domain-feature-net/1"
 
@@ -31,24 +32,9 @@ WEIGHTS_FORMAT = "fabdistill-domain-feature-net/1"
 #                               Input encodings                                 #
 #################################################################################
 
-@dataclasses.dataclass(frozen=True)
-class DomainEncoding:
-    """How native values of a domain become network inputs: (x - offset) / scale."""
-
-    in_channels: int
-    offset: float
-    scale: float
-    unit: str
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.offset) / self.scale
-
-
-ENCODINGS: dict[str, DomainEncoding] = {
-    "overlay": DomainEncoding(in_channels=2, offset=0.0, scale=20.0, unit="nm"),
-    "wafer": DomainEncoding(in_channels=1, offset=1.0, scale=1.0, unit="0 no die / 1 pass / 2 fail"),
-    "sem": DomainEncoding(in_channels=1, offset=0.5, scale=0.5, unit="grey level in [0, 1]"),
-}
+# The domain's encoding is the data kind's one (data/encoding.py, the single registry); offset and scale are
+# written into every weights file and checked on load.
+ENCODINGS: dict[str, Encoding] = {domain: encoding_for(domain) for domain in ("overlay", "wafer", "sem")}
 
 
 #################################################################################

@@ -150,15 +150,16 @@ class MobileNetV2(nn.Module):
 
 
 def build_mobilenetv2(arch: str, num_classes: int = 100, in_channels: int = 3) -> MobileNetV2:
-    """A MobileNetV2 of a named size from MOBILENETV2_SIZES."""
-    if arch not in MOBILENETV2_SIZES:
-        raise ValueError(f"unknown MobileNetV2 arch {arch!r}; choose one of {', '.join(MOBILENETV2_SIZES)}")
-    return MobileNetV2(MOBILENETV2_SIZES[arch], num_classes=num_classes, in_channels=in_channels, arch=arch)
+    """A MobileNetV2 of a named size from MOBILENETV2_SIZES (models/classifiers.py builds every family)."""
+    from models.classifiers import build_classifier  # lazy: models.classifiers imports this module
+
+    return build_classifier(arch, num_classes, in_channels, family="mobilenetv2")
 
 
 def mobilenetv2_from_meta(meta: dict[str, Any]) -> MobileNetV2:
-    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded)."""
-    missing = [k for k in ("arch", "num_classes", "in_channels") if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint meta lacks {missing}: not a MobileNetV2 checkpoint? (meta keys: {sorted(meta)})")
-    return build_mobilenetv2(str(meta["arch"]), int(meta["num_classes"]), int(meta["in_channels"]))
+    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded); kept for
+    callers of this family, models.classifiers.classifier_from_meta rebuilds any family."""
+    from models.classifiers import classifier_from_meta
+
+    return classifier_from_meta(meta, family="mobilenetv2")
+

@@ -165,18 +165,18 @@ class ResNet(nn.Module):
 
 
 def build_resnet(arch: str, num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    """A ResNet of a named size from RESNET_ARCHS."""
-    if arch not in RESNET_ARCHS:
-        raise ValueError(f"unknown ResNet arch {arch!r}; choose one of {', '.join(RESNET_ARCHS)}")
-    return ResNet(RESNET_ARCHS[arch], num_classes=num_classes, in_channels=in_channels, arch=arch)
+    """A ResNet of a named size from RESNET_ARCHS (models/classifiers.py builds every family)."""
+    from models.classifiers import build_classifier  # lazy: models.classifiers imports this module
+
+    return build_classifier(arch, num_classes, in_channels, family="resnet")
 
 
 def resnet_from_meta(meta: dict[str, Any]) -> ResNet:
-    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded)."""
-    missing = [k for k in ("arch", "num_classes", "in_channels") if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint meta lacks {missing}: not a ResNet checkpoint? (meta keys: {sorted(meta)})")
-    return build_resnet(str(meta["arch"]), int(meta["num_classes"]), int(meta["in_channels"]))
+    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded); kept for
+    callers of this family, models.classifiers.classifier_from_meta rebuilds any family."""
+    from models.classifiers import classifier_from_meta
+
+    return classifier_from_meta(meta, family="resnet")
 
 
 def count_params(model: nn.Module) -> int:

@@ -147,15 +147,16 @@ class ShuffleNetV1(nn.Module):
 
 
 def build_shufflenet(arch: str, num_classes: int = 100, in_channels: int = 3) -> ShuffleNetV1:
-    """A ShuffleNetV1 of a named size from SHUFFLENET_SIZES."""
-    if arch not in SHUFFLENET_SIZES:
-        raise ValueError(f"unknown ShuffleNet arch {arch!r}; choose one of {', '.join(SHUFFLENET_SIZES)}")
-    return ShuffleNetV1(SHUFFLENET_SIZES[arch], num_classes=num_classes, in_channels=in_channels, arch=arch)
+    """A ShuffleNetV1 of a named size from SHUFFLENET_SIZES (models/classifiers.py builds every family)."""
+    from models.classifiers import build_classifier  # lazy: models.classifiers imports this module
+
+    return build_classifier(arch, num_classes, in_channels, family="shufflenet")
 
 
 def shufflenet_from_meta(meta: dict[str, Any]) -> ShuffleNetV1:
-    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded)."""
-    missing = [k for k in ("arch", "num_classes", "in_channels") if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint meta lacks {missing}: not a ShuffleNet checkpoint? (meta keys: {sorted(meta)})")
-    return build_shufflenet(str(meta["arch"]), int(meta["num_classes"]), int(meta["in_channels"]))
+    """Rebuild from checkpoint metadata {"arch", "num_classes", "in_channels"} (weights not loaded); kept for
+    callers of this family, models.classifiers.classifier_from_meta rebuilds any family."""
+    from models.classifiers import classifier_from_meta
+
+    return classifier_from_meta(meta, family="shufflenet")
+

@@ -1,4 +1,6 @@
-"""Request and argument validation for the students' HTTP API (pydantic v2, which Ray Serve's FastAPI brings).
+"""Validation shared by every student kind (pydantic v2, which Ray Serve's FastAPI brings): the error format,
+JSON body parsing, the builder's arguments (AppArgs, StudentArgs). Each kind's request schemas live in its own
+module under serve/students/.
 
 Every rejection names the field it is about: ``{"error": "...", "detail": [{"field": "equipment_log.3",
 "message": "equipment_log.3: Input should be a finite number", "type": "finite_number"}]}``.
@@ -6,19 +8,18 @@ Every rejection names the field it is about: ``{"error": "...", "detail": [{"fie
 Schemas are strict: ``"3"`` is not an integer, ``true`` is not a number, unknown fields are refused (a typo such
 as ``"step"`` must not silently fall back to a default), and NaN/Infinity (which Python's ``json`` accepts as
 literals) are refused. Limits that depend on the deployment (``max_n``, ``max_steps``) come in through the
-validation context, so one schema serves every deployment.
+validation context (:func:`validate`), so one schema serves every deployment.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-MAX_SEED = 2**63 - 1
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # refuses NaN and Infinity
+MAX_SEED = 2**63 - 1  # seeds are int64
 
 
 # --------------------------------------------------------------------------- errors
@@ -72,60 +73,6 @@ def validate(schema: type[BaseModel], data: dict[str, Any], **context: Any) -> B
         raise errors_from_validation(exc) from None
 
 
-# --------------------------------------------------------------------------- requests
-
-class GenerateRequest(BaseModel):
-    """POST /ikddit/generate: n overlay maps for one equipment condition."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    equipment_log: list[FiniteFloat] = Field(min_length=1, description="standardised equipment-log vector")
-    equipment_id: int = Field(ge=0, description="equipment / lot ID, in [0, num_ids)")
-    n: int = Field(1, ge=1, description="maps to generate for this condition (<= max_n)")
-    steps: int = Field(50, ge=1, description="DDIM steps (<= max_steps)")
-    mask_ratio: Optional[FiniteFloat] = Field(None, ge=0.0, lt=1.0,
-                                              description="student token mask ratio; default: the trained one")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="same seed, same maps; default: random")
-    format: Literal["json", "png"] = "json"
-
-    @field_validator("n")
-    @classmethod
-    def _n_limit(cls, v: int, info: ValidationInfo) -> int:
-        limit = (info.context or {}).get("max_n")
-        if limit is not None and v > limit:
-            raise ValueError(f"n={v} exceeds the limit of {limit} maps per request; split the request")
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps_limit(cls, v: int, info: ValidationInfo) -> int:
-        limit = (info.context or {}).get("max_steps")
-        if limit is not None and v > limit:
-            raise ValueError(f"steps={v} exceeds the limit of {limit}")
-        return v
-
-
-class ClassifyRequest(BaseModel):
-    """POST /classifier/classify: class probabilities for n wafer maps (or images) of one size.
-
-    `maps` is (n, H, W) for wafer-map students (values 0 off-wafer, 1 pass, 2 fail), or (n, C, H, W) uint8 for
-    image students (CIFAR); the deployment checks the shape and values against the checkpoint it loaded.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    maps: list[list[list[Any]]] = Field(min_length=1, description="(n, H, W) wafer maps or (n, C, H, W) images")
-    top_k: int = Field(3, ge=1, description="classes listed per map, most probable first (<= num_classes)")
-
-    @field_validator("maps")
-    @classmethod
-    def _n_limit(cls, v: list, info: ValidationInfo) -> list:
-        limit = (info.context or {}).get("max_n")
-        if limit is not None and len(v) > limit:
-            raise ValueError(f"{len(v)} maps exceed the limit of {limit} per request; split the request")
-        return v
-
-
 # --------------------------------------------------------------------------- application arguments
 
 class StudentArgs(BaseModel):
@@ -151,7 +98,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Optional[str] = Field(None, min_length=1, description="IKDDiT student checkpoint (shorthand)")
-    students: dict[str, StudentArgs] = Field(default_factory=dict, description="student kind -> its arguments")
+    students: dict[str, StudentArgs] = Field(
+        default_factory=dict, description="a built-in kind (a module of serve/students/) or a plug-in's import path "
+                                          "'package.module:ClassName' -> that student's arguments")
     request_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="per request, answered with 504")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="larger bodies get 413")
 

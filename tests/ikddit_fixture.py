@@ -18,13 +18,16 @@ MAP_SIZE = 32
 SCALE_NM = 5.0
 
 
-def write_tiny_student(directory: str | Path, seed: int = 0, weight_noise: float = 0.05) -> Path:
-    """Write a tiny IKDDiT student checkpoint folder (state.pt + meta.json) and return its path."""
-    from trainers.ikddit import ModelSection, build_networks
-    from trainers.launch import save_state
+def write_tiny_student(directory: str | Path, seed: int = 0, weight_noise: float = 0.05, **model_overrides) -> Path:
+    """Write a tiny IKDDiT student checkpoint folder (state.pt + meta.json) and return its path.
+
+    `model_overrides` set fields of the model section (e.g. num_timesteps=10 for a fast DDPM test)."""
+    from fabdistill.checkpoints import save_state
+    from fabdistill.inference.ikddit import build_networks
+    from trainers.ikddit import ModelSection
 
     directory = Path(directory)
-    model = dataclasses.asdict(ModelSection(size="tiny"))
+    model = dataclasses.asdict(ModelSection(**{"size": "tiny", **model_overrides}))
     torch.manual_seed(seed)
     nets = build_networks(model, MAP_SIZE)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -10,7 +10,7 @@ import torch
 from data.datasets import TableDataset, batch_to_tensors
 from data.overlay import (
     LINEAR_TERMS,
-    fit_linear_terms,
+    linear_terms_lstsq,
     generate_overlay,
     grid_coordinates,
     linear_overlay,
@@ -55,11 +55,11 @@ def test_fit_recovers_exact_terms():
     c = grid_coordinates(32, 32)
     rng = np.random.default_rng(0)
     terms = rng.normal(0, 1, (5, 10)) * np.array([3, 3, 0.05, 0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 0.5])
-    fit, resid = fit_linear_terms(linear_overlay(terms, c), c)
+    fit, resid = linear_terms_lstsq(linear_overlay(terms, c), c)
     np.testing.assert_allclose(fit, terms, atol=1e-4)
     assert np.abs(resid).max() < 1e-3
     with pytest.raises(ValueError, match="maps must be"):
-        fit_linear_terms(np.zeros((2, 2, 16, 16)), c)
+        linear_terms_lstsq(np.zeros((2, 2, 16, 16)), c)
 
 
 def test_determinism_and_chunking():
@@ -77,10 +77,32 @@ def test_determinism_and_chunking():
     assert not np.array_equal(arrays(a, 16, 16)["overlay"], arrays(c, 16, 16)["overlay"])
 
 
+def test_context_seed_keeps_contexts_and_redraws_wafer_noise():
+    ctx, other = 11, 12
+    held = generate_overlay(12, seed=ctx, height=16, width=16, **SMALL)
+    floor = generate_overlay(12, seed=other, height=16, width=16, context_seed=ctx, **SMALL)
+    for col in ("log", "log_numeric", "equipment_id", "scanner", "chuck", "reticle", "lot_id"):
+        assert floor[col].equals(held[col]), col
+    assert len(set(floor["wafer_id"].to_pylist()) & set(held["wafer_id"].to_pylist())) == 0  # other wafers
+    assert not np.allclose(arrays(floor, 16, 16)["overlay"], arrays(held, 16, 16)["overlay"])
+    # Without wafer terms and measurement noise the two sets are the same maps: only the noise differs ...
+    quiet = dict(height=16, width=16, wafer_noise=False, noise_nm=0.0, **SMALL)
+    floor_quiet = generate_overlay(12, seed=other, context_seed=ctx, **quiet)
+    np.testing.assert_array_equal(arrays(floor_quiet, 16, 16)["overlay"],
+                                  arrays(generate_overlay(12, seed=ctx, **quiet), 16, 16)["overlay"])
+    # ... and that noise is exactly the noise `other` draws for its own wafers (the draws are context-free).
+    own = generate_overlay(12, seed=other, height=16, width=16, **SMALL)
+    own_quiet = generate_overlay(12, seed=other, **quiet)
+    noise_floor = arrays(floor, 16, 16)["overlay"] - arrays(floor_quiet, 16, 16)["overlay"]
+    noise_own = arrays(own, 16, 16)["overlay"] - arrays(own_quiet, 16, 16)["overlay"]
+    np.testing.assert_allclose(noise_floor, noise_own, atol=1e-4)
+    assert generate_overlay(12, seed=ctx, context_seed=ctx, height=16, width=16, **SMALL).equals(held)
+
+
 def test_fit_on_generated_maps_recovers_drawn_terms():
     t = generate_overlay(30, seed=1, higher_order=False, noise_nm=0.1)
     a = arrays(t)
-    fit, resid = fit_linear_terms(a["overlay"], grid_coordinates(32, 32))
+    fit, resid = linear_terms_lstsq(a["overlay"], grid_coordinates(32, 32))
     err = np.abs(fit - a["terms"]).max(axis=0)
     tol = np.array([0.05, 0.05, 1e-3, 1e-3, 1e-3, 1e-3, 0.01, 0.01, 0.01, 0.01])  # nm, ppm, urad
     assert (err < tol).all(), dict(zip(LINEAR_TERMS, err))
@@ -127,8 +149,8 @@ def test_machines_have_distinguishable_fingerprints():
     train, test = (
         arrays(generate_overlay(n, s, height=16, width=16, **SMALL), 16, 16) for n, s in ((480, 0), (160, 1))
     )
-    fit_tr, _ = fit_linear_terms(train["overlay"], c)
-    fit_te, _ = fit_linear_terms(test["overlay"], c)
+    fit_tr, _ = linear_terms_lstsq(train["overlay"], c)
+    fit_te, _ = linear_terms_lstsq(test["overlay"], c)
     ids = np.unique(train["eq"])
     assert len(ids) == 8
     cent = np.stack([fit_tr[train["eq"] == k].mean(0) for k in ids])

@@ -1,4 +1,5 @@
-"""Fast CPU tests for models/diffusion.py: schedules, DDPM/DDIM identities, EDM preconditioning, samplers."""
+"""Fast CPU tests for models/diffusion.py (schedules, DDPM/DDIM identities) and models/edm.py (EDM preconditioning,
+Karras noise levels, samplers)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from models.diffusion import (
+from models.diffusion import GaussianDiffusion
+from models.edm import (
     EDMPrecond,
-    GaussianDiffusion,
     edm_euler_sample,
     edm_heun_sample,
     edm_loss_weight,

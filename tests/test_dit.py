@@ -18,9 +18,11 @@ from models.dit import (
     MaskedStudentDiT,
     TimestepEmbedder,
     build_dit,
+    build_network,
     get_2d_sincos_pos_embed,
     patchify,
     random_masking,
+    random_masking_many,
     unpatchify,
 )
 
@@ -408,6 +410,32 @@ def test_build_dit_options_and_errors():
         build_dit("tiny", dpeth=3)
     with pytest.raises(ValueError, match="divisible by patch_size"):
         build_dit("tiny", patch_size=5)
+
+
+def test_random_masking_many_gives_each_group_its_solo_masks():
+    sizes, seeds = [1, 3, 2], [5, 6, 7]
+    many = random_masking_many(sizes, [torch.Generator().manual_seed(s) for s in seeds], L, 0.5)
+    solo = [random_masking(n, L, 0.5, torch.Generator().manual_seed(s)) for n, s in zip(sizes, seeds)]
+    for got, parts in zip(many, zip(*solo)):
+        assert torch.equal(got, torch.cat(parts))
+    # ratio 0 keeps every token in order and draws nothing: the generators are left untouched
+    gens = [torch.Generator().manual_seed(1)]
+    ids_keep, _, mask = random_masking_many([2], gens, L, 0.0)
+    assert torch.equal(ids_keep, torch.arange(L).expand(2, L)) and not mask.any()
+    assert torch.equal(torch.rand(3, generator=gens[0]), torch.rand(3, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="one generator per group"):
+        random_masking_many([1, 2], [None], L, 0.5)
+
+
+def test_build_network_matches_build_dit():
+    torch.manual_seed(0)
+    family = build_dit("tiny", patch_size=2, decoder_depth=2)
+    for name, net in family.items():
+        one = build_network(name, "tiny", patch_size=2, decoder_depth=2)
+        assert type(one) is type(net)
+        assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown IKDDiT network"):
+        build_network("generator", "tiny")
 
 
 def test_student_init_from_teacher(models):

@@ -23,30 +23,36 @@ def ray_cluster(ray_local):
     yield ray_local
 
 
+def _tiny_run(module, config: str, root, name: str, overrides: list[str]):
+    """Train through the method's own train(cfg) in-process (run.num_workers=0), the path apps.train takes."""
+    from fabdistill.config import load_config
+
+    cfg = load_config(module.Config, config, [*overrides, "run.num_workers=0", f"run.storage_path={root}",
+                                              f"run.name={name}"])
+    return module.train(cfg).checkpoint_dir
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A quickly trained tiny teacher and an (untrained) tiny DDPM UNet, saved as fabdistill checkpoints."""
-    from models.diffusion import GaussianDiffusion
-    from models.resnet_cifar import build_resnet
-    from models.unet import build_unet
-    from trainers.classifier import fit_classifier, save_classifier, wafer_tensors
-    from trainers.ddpm import save_ddpm
+    """A quickly trained tiny teacher and a barely trained tiny DDPM prior, exported by their own trainers."""
+    from trainers import classifier, ddpm
 
     root = tmp_path_factory.mktemp("fast_ad")
-    torch.manual_seed(0)
-    x, y = wafer_tensors(256, seed=1, size=SIZE)
-    teacher = build_resnet("tiny", 9, 1)
-    fit_classifier(teacher, x, y, epochs=2, batch_size=64, lr=0.05)
-    save_classifier(str(root / "teacher"), teacher, "wafer_pm1")
-    save_ddpm(str(root / "ddpm"), build_unet("tiny", 1, SIZE).eval(), GaussianDiffusion(1000))
-    return root
+    teacher = _tiny_run(classifier, "configs/classifier_wafer.yaml", root / "runs", "teacher",
+                        ["model.arch=tiny", f"data.size={SIZE}", "data.n_train=256", "data.n_eval=64",
+                         "optim.epochs=2", "optim.batch_size=64", "optim.warmup_steps=2"])
+    prior = _tiny_run(ddpm, "configs/ddpm_wafer.yaml", root / "runs", "prior",
+                      [f"data.size={SIZE}", "data.n_train=32", "optim.steps=2", "optim.batch_size=16",
+                       "optim.log_every=1", "optim.checkpoint_every=2", "optim.warmup_steps=1",
+                       "optim.sample_count=0"])
+    return {"root": root, "teacher": teacher, "prior": prior}
 
 
 def _config(root, name: str, **overrides) -> Config:
     from fabdistill.config import from_dict
 
     data = {
-        "models": {"teacher_checkpoint": str(root / "teacher"), "diffusion_checkpoint": str(root / "ddpm"),
+        "models": {"teacher_checkpoint": root["teacher"], "diffusion_checkpoint": root["prior"],
                    "student_arch": "tiny"},
         "cadr": {"ddim_steps": 4},
         "synthesis": {"num_workers": 2, "batch_size": 8},
@@ -54,7 +60,7 @@ def _config(root, name: str, **overrides) -> Config:
         "student": {"steps": 150, "batch_size": 16, "lr": 0.05, "warmup_steps": 10, "checkpoint_every": 20},
         "eval": {"n_heldout": 64, "size": SIZE, "every": 50},
         "loop": {"log_every_s": 1.0, "record_timeline": True, "shutdown_grace_s": 15.0, "max_restarts": 2},
-        "run": {"name": name, "storage_path": str(root / "runs")},
+        "run": {"name": name, "storage_path": str(root["root"] / "distill")},
     }
     for key, value in overrides.items():
         sec, knob_name = key.split(".")
@@ -72,8 +78,9 @@ def _our_live_actors() -> list:
 
 
 def test_loop_overlaps_stays_bounded_and_improves(ray_cluster, checkpoints):
-    from trainers.classifier import load_classifier
+    from fabdistill.inference.classifier import load_classifier
     from trainers.fast_ad import run_fast_ad
+    from trainers.fast_ad.driver import to_outcome
 
     cfg = _config(checkpoints, "overlap")
     s = run_fast_ad(cfg)
@@ -100,6 +107,22 @@ def test_loop_overlaps_stays_bounded_and_improves(ray_cluster, checkpoints):
     model, meta = load_classifier(s["checkpoint_dir"])
     assert meta["method"] == "fast_ad" and meta["arch"] == "tiny" and meta["step"] == 150
     assert not _our_live_actors()  # clean shutdown
+    # what train() returns: the exported student and the scalar summary a sweep reads
+    outcome = to_outcome(s)
+    assert outcome.checkpoint_dir == os.path.join(outcome.run_dir, "model") == s["checkpoint_dir"]
+    assert outcome.metrics["step"] == 150 and outcome.metrics["kd_loss"] == pytest.approx(sum(losses[-20:]) / 20)
+    assert outcome.metrics["heldout_top1"] == s["history"][-1]["heldout_top1"]
+
+
+def test_sequential_baseline_does_the_same_work_in_one_process(checkpoints):
+    from benchmarks.fast_ad_sequential import run_sequential
+
+    cfg = _config(checkpoints, "sequential")
+    r = run_sequential(cfg, total_steps=6, total_images=24)
+    assert r["steps"] == 6 and r["images"] == 24  # 3 synthesis batches of 8
+    assert r["synthesis_s"] > 0 and r["learner_s"] > 0 and r["elapsed_s"] >= r["synthesis_s"] + r["learner_s"]
+    assert 0.0 <= r["heldout_top1"] <= 1.0
+    assert not (checkpoints["root"] / "distill" / "sequential").exists()  # the baseline writes nothing
 
 
 def test_killed_actors_restart_and_the_loop_carries_on(ray_cluster, checkpoints):

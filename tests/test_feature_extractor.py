@@ -1,4 +1,4 @@
-"""Domain feature net, its weights files, the in-process fit and the Ray Train loop (driven by a fake session)."""
+"""Domain feature net, its weights files, the training loop (fake session and in-process train) and the export."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fabdistill.config import ConfigError, load_config
-from models.feature_extractor import (DomainFeatureNet, build_feature_net,
-                                      load_feature_net, save_feature_net)
+from models.feature_extractor import DomainFeatureNet, build_feature_net, load_feature_net, save_feature_net
 from trainers import feature_extractor as fe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "metrics" / "weights" / "overlay_fe.pt"
@@ -58,52 +59,46 @@ def test_committed_overlay_weights_classify_fresh_maps():
     assert COMMITTED.stat().st_size < 5 * 2**20
     torch.load(COMMITTED, weights_only=True)  # plain tensors and numbers only
     net, meta = load_feature_net(COMMITTED, "overlay")
-    x, y = fe.table_to_tensors(fe.generate_tables("overlay", 96, seed=4242, size=32), "overlay")
+    x, y = fe.domain_tensors(fe.generate_tables("overlay", 96, seed=4242, size=32), "overlay")
     acc = fe.accuracy(net, x, y, "overlay")
     assert acc >= 0.8, f"committed overlay extractor: accuracy {acc:.3f} on fresh maps (chance 1/16)"
     assert meta["extra"]["heldout_accuracy"] >= 0.8
+    assert meta["extra"]["command"].startswith("python -m trainers.feature_extractor --domain overlay --export")
 
 
-def test_decode_batch_handles_ray_object_columns_and_unlabelled_rows():
-    maps = np.arange(3 * 1 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16) % 3
+def test_labelled_images_decode_ray_object_columns_and_drop_unlabelled_rows():
+    from data.datasets import batch_to_tensors
+    from data.wafer import generate_wafer
+
+    table = generate_wafer(3, seed=0, size=16)
+    maps = table["wafer_map"].combine_chunks().flatten().to_numpy().reshape(3, 16, 16).copy()
+    base = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names if c not in ("wafer_map",)}
+    base["label"] = np.array([2, -1, 5])
     flat = maps.reshape(3, -1)
     obj = np.empty(3, dtype=object)
     obj[:] = [row for row in flat]  # what Ray's numpy batches hold for fixed_size_list columns
-    base = {"label": np.array([2, -1, 5]), "height": np.array([16] * 3), "width": np.array([16] * 3)}
     for column in (flat, obj):
-        x, y = fe.decode_batch({**base, "wafer_map": column}, "wafer")
+        x, y = fe.labelled_images(batch_to_tensors({**base, "wafer_map": column}, "wafer"), "wafer")
         assert x.shape == (2, 1, 16, 16) and x.dtype == torch.float32
         assert y.tolist() == [2, 5]
         assert torch.equal(x[1, 0], torch.from_numpy(maps[2]).float())
-    with pytest.raises(KeyError, match="lacks column 'wafer_map'"):
-        fe.decode_batch(base, "wafer")
+    with pytest.raises(ValueError, match="lacks column 'wafer_map'"):
+        batch_to_tensors(base, "wafer")
 
 
-def test_train_step_on_an_all_unlabelled_batch_keeps_weights_finite():
-    torch.manual_seed(0)
-    net = build_feature_net("S", 1, 9)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    before = [p.detach().clone() for p in net.parameters()]
-    loss, ok = fe.train_step(net, opt, torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long), 1e-3)
-    assert loss == 0.0 and ok == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # zero gradient, no decay
-    loss, ok = fe.train_step(net, opt, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), 1e-3)
-    assert math.isfinite(loss) and 0 <= ok <= 4
-
-
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [fe.lr_at(s, 100, 1.0) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.2) and max(lrs) == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 1e-3
-
-
-def test_fit_is_deterministic_and_learns():
-    kw = dict(domain="overlay", n=160, seed=3, epochs=2, size="S", batch_size=32, n_val=64)
-    net_a, acc_a = fe.fit_feature_extractor(**kw)
-    net_b, acc_b = fe.fit_feature_extractor(**kw)
+def test_export_trains_through_train_and_is_deterministic(tmp_path):
+    """The committed-weights path is train(cfg) in-process (run.num_workers=0); the same seed gives the same file."""
+    # wafer maps: every class appears in a small set (overlay equipment comes in lots of 25 wafers)
+    small = {"data.n": 128, "data.n_val": 64, "trainer.epochs": 2, "trainer.batch_size": 32}
+    extra_a = fe.export_feature_extractor("wafer", str(tmp_path / "a.pt"), seed=3, **small)
+    extra_b = fe.export_feature_extractor("wafer", str(tmp_path / "b.pt"), seed=3, **small)
+    net_a, meta_a = load_feature_net(tmp_path / "a.pt", "wafer")
+    net_b, _ = load_feature_net(tmp_path / "b.pt", "wafer")
     for (k, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
         assert torch.equal(a, b), k
-    assert acc_a == acc_b and acc_a > 2 / 16  # well above chance after 10 steps
+    assert extra_a["heldout_accuracy"] == extra_b["heldout_accuracy"] > 2 / 9  # well above chance after 8 steps
+    assert extra_a["n_val"] == 64 and extra_a["step"] == 2 * (128 // 32)
+    assert "--set data.n=128" in meta_a["extra"]["command"]
 
 
 def test_config_file_loads_and_rejects_bad_values():
@@ -115,20 +110,7 @@ def test_config_file_loads_and_rejects_bad_values():
         load_config(fe.Config, None, ["trainer.epoch=3"])
 
 
-# --------------------------------------------------------------------------- the Ray loop, without Ray
-
-class _FakeShard:
-    def __init__(self, table):
-        self.table = table
-
-    def iter_batches(self, batch_size, batch_format="numpy", drop_last=False, **_):
-        assert batch_format == "numpy"
-        n = self.table.num_rows
-        stop = n - n % batch_size if drop_last else n
-        for i in range(0, stop, batch_size):
-            part = self.table.slice(i, batch_size)
-            yield {c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names}
-
+# --------------------------------------------------------------------------- the loop, driven by a fake session
 
 class _FakeSession:
     rank, world_size, is_main, device = 0, 1, True, torch.device("cpu")
@@ -139,13 +121,21 @@ class _FakeSession:
     def prepare(self, model):
         return model
 
-    def dataset(self, name):
-        return _FakeShard(self.tables[name])
+    def load_shard(self, name, kind):
+        from data.datasets import table_to_tensors
+
+        return table_to_tensors(self.tables[name], kind)
+
+    def all_reduce_mean(self, values):
+        return list(values)
 
     def restore(self):
         return self.restored
 
     def report(self, metrics, *, step, state=None, meta=None):
+        import copy
+
+        state = copy.deepcopy(state() if callable(state) else state)  # what would be written at this step
         self.reports.append({"step": step, "metrics": metrics, "state": state, "meta": meta})
 
 
@@ -155,7 +145,7 @@ def test_loop_checkpoints_reports_and_resumes(monkeypatch):
     tables = {"train": fe.generate_tables("overlay", 64, seed=0, size=32),
               "val": fe.generate_tables("overlay", 16, seed=1, size=32)}
     config = {"domain": "overlay", "size": "S", "num_classes": 16, "epochs": 2, "batch_size": 16, "lr": 3e-3,
-              "weight_decay": 0.0, "checkpoint_every": 3, "shuffle_buffer": 0, "steps_per_epoch": 4,
+              "warmup_frac": 0.05, "weight_decay": 0.0, "checkpoint_every": 3, "steps_per_epoch": 4,
               "seed": 0, "has_val": True}
     first = _FakeSession(tables)
     monkeypatch.setattr(TrainSession, "_current", first)
@@ -168,13 +158,16 @@ def test_loop_checkpoints_reports_and_resumes(monkeypatch):
     assert all(r["state"] is not None and set(r["state"]) == {"model", "opt"} for r in first.reports)
     assert all(math.isfinite(r["metrics"]["loss"]) for r in first.reports)
 
-    # resume from the mid-epoch checkpoint at step 6 (epoch 1, 2 batches done): steps 7, 8 remain
+    # resume from the mid-epoch checkpoint at step 6 (epoch 1, 2 batches done): steps 7, 8 remain and end where
+    # the uninterrupted run ended (the epoch's batch order comes from (seed, rank, epoch) only)
     ckpt = first.reports[2]
     second = _FakeSession(tables, restored=(ckpt["state"], {"step": 6, **ckpt["meta"]}))
     monkeypatch.setattr(TrainSession, "_current", second)
     fe.loop(config)
     assert [r["step"] for r in second.reports] == [8]
     assert second.reports[0]["meta"] == {"epoch": 1, "batch_in_epoch": 4, "epoch_done": True, "domain": "overlay"}
+    for key, value in first.reports[-1]["state"]["model"].items():
+        torch.testing.assert_close(second.reports[0]["state"]["model"][key], value, msg=key)
 
     # resuming a finished run trains nothing more
     done = first.reports[-1]
@@ -184,36 +177,25 @@ def test_loop_checkpoints_reports_and_resumes(monkeypatch):
     assert third.reports == []
 
 
-def test_train_driver_generates_data_and_writes_weights(tmp_path, monkeypatch):
-    """train(cfg) end to end with `launch` replaced by an in-process run of the loop on the written Parquet."""
-    from data.parquet_io import read_dataset
-    from models.feature_extractor import load_feature_net
-    from trainers.launch import RunSection, TrainOutcome, TrainSession, run_dir, save_state
+def test_train_in_process_generates_data_and_writes_weights(tmp_path):
+    """train(cfg) end to end with run.num_workers=0: data, checkpoints, metrics and the calibrated weights file."""
+    from trainers.launch import RunSection, read_metrics
 
-    calls = {}
-
-    def fake_launch(loop, loop_config, run, *, datasets, full_config):
-        calls.update(loop_config=loop_config, datasets=datasets)
-        sess = _FakeSession({name: read_dataset(uri) for name, uri in datasets.items()})
-        monkeypatch.setattr(TrainSession, "_current", sess)
-        loop(loop_config)
-        last = sess.reports[-1]
-        model_dir = tmp_path / "runs" / run.name / "model"
-        save_state(model_dir, last["state"], {"step": last["step"], **last["meta"]})
-        return TrainOutcome(run_dir(run), str(model_dir), last["metrics"], None)
-
-    monkeypatch.setattr(fe, "launch", fake_launch)
     cfg = fe.Config(trainer=fe.TrainerSection(domain="wafer", epochs=1, batch_size=16, checkpoint_every=100),
                     data=fe.DataSection(n=64, n_val=16, size=32),
-                    run=RunSection(name="fe_test", storage_path=str(tmp_path / "runs"), num_workers=2))
+                    run=RunSection(name="fe_test", storage_path=str(tmp_path / "runs"), num_workers=0))
     outcome = fe.train(cfg)
-    lc = calls["loop_config"]
-    assert lc["num_classes"] == 9 and lc["steps_per_epoch"] == 64 // (16 * 2) and lc["has_val"]
-    assert set(calls["datasets"]) == {"train", "val"}
+    assert [r["step"] for r in read_metrics(outcome.run_dir)] == [64 // 16]
     assert 0.0 <= outcome.metrics["val_acc"] <= 1.0
+    assert (Path(outcome.run_dir) / "data" / "val").is_dir() and Path(outcome.checkpoint_dir).is_dir()
     net, meta = load_feature_net(Path(outcome.run_dir) / "feature_extractor.pt", "wafer")
-    assert meta["class_names"][0] == "Center" and float(net.feat_std.min()) > 0
+    assert meta["class_names"][0] == "Center" and meta["num_classes"] == 9 and float(net.feat_std.min()) > 0
     assert not torch.equal(net.feat_mean, torch.zeros_like(net.feat_mean))  # calibrated on the training rows
+    assert 0.0 <= meta["extra"]["heldout_accuracy"] <= 1.0 and meta["extra"]["n_val"] == 16
+
+    table = fe.METHOD.get("evaluate")({"model": outcome.run_dir}, fe.EvalSettings(n=32), None)
+    row = table.row("model")
+    assert row["domain"] == "wafer" and row["n"] == 32 and 0.0 <= row["accuracy"] <= 1.0
 
     bad = fe.Config(trainer=fe.TrainerSection(domain="wafer", batch_size=64), data=fe.DataSection(n=64),
                     run=RunSection(name="fe_small", storage_path=str(tmp_path / "runs"), num_workers=2))

@@ -1,15 +1,25 @@
-"""IKDDiT: Eq. 8 loss terms against hand-computed cases, the adversarial pair, and a 2-worker Ray Train run."""
+"""IKDDiT: Eq. 8 loss terms against hand-computed cases, the adversarial pair, the pipeline's one sampling loop
+(solo = batched), sampling to files, the evaluation table with its measured floor, and a 2-worker Ray Train run."""
 
 import dataclasses
 import math
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fabdistill.config import load_config
-from trainers.ikddit import (Config, IKDDiTPipeline, ModelSection, adversarial_loss, build_networks,
-                             discriminator_loss, dsm_loss, infonce_loss, mae_loss, token_mask_to_pixels)
-from trainers.launch import read_metrics, save_state
+from fabdistill.checkpoints import save_state
+from fabdistill.config import from_dict, load_config
+from fabdistill.inference.ikddit import (IKDDiTPipeline, SampleSettings, build_networks, default_mask_ratio,
+                                         row_seeds, sample_to_files)
+from trainers.ikddit import (Config, ModelSection, adversarial_loss, discriminator_loss, dsm_loss, infonce_loss,
+                             mae_loss, token_mask_to_pixels)
+from trainers.launch import read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ikddit_fixture import equipment_logs, write_tiny_student  # noqa: E402
 
 
 def test_dsm_loss_hand_computed():
@@ -70,6 +80,8 @@ def test_config_rejects_bad_mask_ratio(tmp_path):
         load_config(Config, path)
     with pytest.raises(ConfigError, match="teacher_checkpoint"):
         load_config(Config, overrides=["phase=student"])
+    with pytest.raises(ConfigError, match="held-out"):
+        load_config(Config, overrides=["data.seed=90001"])  # data/seeds.OVERLAY_HELD_OUT
 
 
 def _tiny_student_checkpoint(path) -> None:
@@ -79,6 +91,12 @@ def _tiny_student_checkpoint(path) -> None:
     save_state(path, {"student": nets["student"].state_dict(), "embedding": nets["embedding"].state_dict()},
                {"method": "ikddit", "role": "student", "model": model, "map_size": 32, "scale_nm": 5.0,
                 "mask_ratio": 0.5, "step": 0})
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> str:
+    """A tiny student with perturbed weights (maps depend on seed, mask and condition), T = 20 for fast DDPM."""
+    return str(write_tiny_student(tmp_path_factory.mktemp("ikddit") / "student", num_timesteps=20))
 
 
 def test_pipeline_is_deterministic_under_a_seed_and_validates(tmp_path):
@@ -94,25 +112,117 @@ def test_pipeline_is_deterministic_under_a_seed_and_validates(tmp_path):
         pipe.sample(torch.randn(3, 64), ids, steps=2)
     with pytest.raises(ValueError, match="mask_ratio"):
         pipe.sample(log, ids, steps=2, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="equipment_id"):
+        pipe.sample(log, torch.tensor([0, 5, 1000]), steps=2)
+
+
+def test_from_checkpoint_builds_only_the_networks_it_runs(student, monkeypatch):
+    import fabdistill.inference.ikddit as inference
+
+    built = []
+    real_build = inference.build_network
+
+    def counting(name, *args, **kwargs):
+        built.append(name)
+        return real_build(name, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "build_network", counting)
+    pipe = IKDDiTPipeline.from_checkpoint(student)
+    assert sorted(built) == ["embedding", "student"] and pipe.role == "student"
+
+
+def test_default_mask_ratio_is_the_students_training_ratio_and_zero_for_a_teacher():
+    assert default_mask_ratio({"role": "student", "mask_ratio": 0.3}) == 0.3
+    assert default_mask_ratio({"role": "teacher", "mask_ratio": 0.3}) == 0.0
+
+
+def test_sample_many_equals_each_request_sampled_alone(student):
+    pipe = IKDDiTPipeline.from_checkpoint(student)
+    log, ids = equipment_logs(3)
+    sizes, seeds = [1, 3, 2], [11, 12, 13]
+    per_request = pipe.sample_many(log, ids, sizes, seeds, steps=4, mask_ratio=0.5)
+    per_map = pipe.sample_many(np.repeat(log, sizes, 0), np.repeat(ids, sizes), sizes, seeds, steps=4, mask_ratio=0.5)
+    for i, (n, seed) in enumerate(zip(sizes, seeds)):
+        alone = pipe.sample(np.repeat(log[i:i + 1], n, 0), np.repeat(ids[i:i + 1], n), steps=4, mask_ratio=0.5,
+                            seed=seed).numpy()
+        assert per_request[i].shape == (n, 2, 32, 32) and np.array_equal(per_request[i], per_map[i])
+        np.testing.assert_allclose(per_request[i], alone, rtol=0, atol=1e-4)
+    # the masks follow the ratio and the seed: another ratio or another seed gives other maps
+    other_ratio = pipe.sample_many(log, ids, sizes, seeds, steps=4, mask_ratio=0.25)
+    assert not np.allclose(other_ratio[1], per_request[1], atol=1e-3)
+    with pytest.raises(ValueError, match="one seed per request"):
+        pipe.sample_many(log, ids, sizes, seeds[:2], steps=4)
+
+
+def test_sample_to_files_honours_the_mask_ratio_with_ddpm(student, tmp_path):
+    from data.parquet_io import from_fixed_list, read_dataset
+    from data.seeds import OVERLAY_CONDITIONS
+
+    pipe = IKDDiTPipeline.from_checkpoint(student)
+    settings = from_dict(SampleSettings, {"n": 3, "sampler": "ddpm", "mask_ratio": 0.25, "seed": 4})
+    message = sample_to_files(student, str(tmp_path / "out"), settings)
+    assert "wrote 3 maps" in message and (tmp_path / "out" / "samples.png").is_file()
+    maps = from_fixed_list(read_dataset(str(tmp_path / "out" / "samples")).column("overlay"), (2, 32, 32))
+    log, ids = equipment_logs(3, seed=OVERLAY_CONDITIONS)
+    seeds = row_seeds(4, 3)
+    for ratio, same in ((0.25, True), (0.5, False)):  # 0.5 is the checkpoint's default: it must not be used
+        ref = np.concatenate([pipe.sample(log[i:i + 1], ids[i:i + 1], sampler="ddpm", mask_ratio=ratio,
+                                          seed=seeds[i]).numpy() for i in range(3)])
+        assert np.allclose(maps, ref, rtol=0, atol=1e-4) == same, ratio
+
+
+def test_evaluate_prints_a_measured_context_matched_floor(student, tmp_path):
+    from trainers.ikddit_eval import FLOOR_ROW, EvalSettings, evaluate
+
+    table = evaluate({"student": student}, from_dict(EvalSettings, {"n": 32, "steps": 2, "batch_size": 16}),
+                     str(tmp_path / "eval"))
+    assert [r["model"] for r in table.rows] == [FLOOR_ROW, "student"]
+    floor, model = table.row(FLOOR_ROW), table.row("student")
+    assert math.isfinite(floor["fid"]) and floor["fid"] > 0 and floor["kid_mean"] is not None
+    assert floor["fid"] < model["fid"]  # untrained weights are far from real maps of the same contexts
+    assert FLOOR_ROW in table.markdown() and "FID-32" in table.markdown()
+    assert (tmp_path / "eval" / "report.md").read_text().count(FLOOR_ROW) >= 1
+    with pytest.raises(ValueError, match="student and/or a teacher"):
+        evaluate({}, EvalSettings(n=8))
+    with pytest.raises(ValueError, match="is a student checkpoint"):
+        evaluate({"teacher": student}, EvalSettings(n=8))
+
+
+def test_method_declaration():
+    from fabdistill.methods import get_method
+    from trainers.ikddit_eval import EvalSettings
+
+    method = get_method("ikddit")
+    assert method.capabilities() == ["train", "sample", "evaluate", "sweep", "serve"]
+    assert method.get("sample") is sample_to_files and method.get("load") == IKDDiTPipeline.from_checkpoint
+    assert method.get("sweep").method == "ikddit" and method.eval_roles == ("student", "teacher")
+    assert method.EvalSettings is EvalSettings and method.SampleSettings is SampleSettings
+    from fabdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler"):
+        from_dict(SampleSettings, {"sampler": "euler"})
 
 
 def test_two_worker_teacher_and_student_with_crash_and_resume(ray_local, tmp_path):
     from trainers.ikddit import train
-    from trainers.ikddit_eval import evaluate
+    from trainers.ikddit_eval import FLOOR_ROW, EvalSettings, evaluate
 
     cfg = load_config(Config, "configs/ikddit_tiny.yaml", overrides=[
         f"run.storage_path={tmp_path}", "run.name=t", "data.num_train=64", "teacher.steps=4", "student.steps=4",
         "teacher.checkpoint_every=2", "student.checkpoint_every=2", "teacher.log_every=2", "student.log_every=2",
         "teacher.batch_size=8", "student.batch_size=8", "run.crash_after_step=2", "run.max_failures=1"])
-    outcomes = train(cfg)
+    outcome = train(cfg)
+    assert set(outcome.phases) == {"teacher", "student"}
+    assert outcome.checkpoint_dir == outcome.phases["student"].checkpoint_dir  # top level: the final phase
     for phase in ("teacher", "student"):
-        steps = [m["step"] for m in read_metrics(outcomes[phase].run_dir)]
+        steps = [m["step"] for m in read_metrics(outcome.phases[phase].run_dir)]
         # a restart from scratch would have logged step 2 twice: the workers resumed from the step-2 checkpoint
         assert steps == [2, 4], (phase, steps)
-        assert outcomes[phase].metrics["step"] == 4
+        assert outcome.phases[phase].metrics["step"] == 4
     assert (tmp_path / "t-teacher" / "config.yaml").exists()
-    result = evaluate(outcomes["student"].checkpoint_dir, outcomes["teacher"].checkpoint_dir, n=64, steps=2,
-                      out_dir=str(tmp_path / "eval"))
-    assert set(result.rows) == {"real (held-out)", "teacher", "student"}
-    assert all(math.isfinite(result.rows[k]["fid"]) for k in ("teacher", "student"))
+    checkpoints = {phase: outcome.phases[phase].checkpoint_dir for phase in ("student", "teacher")}
+    table = evaluate(checkpoints, EvalSettings(n=64, steps=2), out_dir=str(tmp_path / "eval"))
+    assert [r["model"] for r in table.rows] == [FLOOR_ROW, "teacher", "student"]
+    assert all(math.isfinite(table.row(k)["fid"]) for k in ("teacher", "student", FLOOR_ROW))
+    assert table.extras["speedup"] > 0
     assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "samples.png").exists()

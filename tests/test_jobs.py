@@ -165,7 +165,7 @@ def test_training_app_runs_unchanged_as_a_ray_job(cluster, tmp_path):
     assert meta["method"] == "ikddit" and meta["role"] == "teacher" and meta["step"] == 4
     lines = (storage / "job-smoke-teacher" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
-    from trainers.ikddit import IKDDiTPipeline
+    from fabdistill.inference.ikddit import IKDDiTPipeline
 
     assert IKDDiTPipeline.from_checkpoint(str(model)).role == "teacher"
 

@@ -55,7 +55,7 @@ def test_toy_method_through_apps_train_evaluate_and_sweep(toy, tmp_path, capsys)
 
     evaluate.main(["toy", "--checkpoint", f"model={tmp_path}/t", "--n", "8", "--out", str(tmp_path / "eval")])
     out = capsys.readouterr().out
-    assert "| model | weight | mean |error| |" in out and "| model | 3.0" in out
+    assert "| model | weight | mean |error| |" in out and "| model | 2.99" in out
     table = json.loads((tmp_path / "eval" / "table.json").read_text())
     assert table["rows"][0]["error"] < 0.05
 
@@ -119,3 +119,31 @@ def test_killing_all_workers_after_a_checkpoint_restarts_and_keeps_each_step_onc
     rows = read_metrics(outcome.run_dir)
     assert [m["step"] for m in rows] == list(range(1, 9)), [m["step"] for m in rows]
     assert all(m["resumed_from"] == 4 for m in rows[4:])
+
+
+def test_toy_student_serves_over_http(ray_local, toy, tmp_path):
+    """The toy method's student kind, named by the import path its Method declares, deployed on local Serve."""
+    from ray import serve
+
+    try:
+        from ikddit_fixture import QUIET, free_port, http
+    except ImportError:  # pragma: no cover
+        from tests.ikddit_fixture import QUIET, free_port, http
+    from serve.app import build_app
+
+    outcome = toy_method.train(toy_cfg(tmp_path, "run.name=served", "run.num_workers=0", "trainer.steps=12"))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
+    try:
+        kind = toy.students[0]
+        serve.run(build_app({"students": {kind: {"checkpoint": outcome.checkpoint_dir}}}), name="toy",
+                  route_prefix="/", logging_config=QUIET)
+        status, _, body = http("POST", f"http://127.0.0.1:{port}/toy/predict", {"x": [1.0, -2.0]})
+        assert status == 200, body
+        y = json.loads(body)["y"]
+        assert y[0] == pytest.approx(3.0, abs=0.05) and y[1] == pytest.approx(-6.0, abs=0.1)
+        status, _, body = http("POST", f"http://127.0.0.1:{port}/toy/predict", {"x": "one"})
+        assert status == 422 and b"x" in body
+        assert http("POST", f"http://127.0.0.1:{port}/toy/predict", {"x": [0.5]})[0] == 200
+    finally:
+        serve.shutdown()

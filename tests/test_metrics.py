@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from data.datasets import table_to_tensors
 from data.overlay import LINEAR_TERMS, generate_overlay, grid_coordinates, linear_overlay
 from metrics import fid as fid_mod
 from metrics.fid import compute_fid_kid, load_domain_classifier, to_uint8_rgb
 from metrics.overlay import (compare_overlay_stats, conditional_fidelity, mean_plus_3sigma, overlay_stats,
                              wasserstein1)
-from trainers.feature_extractor import table_to_tensors
 
 
 @pytest.fixture(scope="module")
 def overlay_maps():
-    x, y = table_to_tensors(generate_overlay(128, seed=7), "overlay")
+    t = table_to_tensors(generate_overlay(128, seed=7), "overlay")
+    x, y = t["overlay"], t["equipment_id"]
     return x, y
 
 

@@ -81,3 +81,60 @@ def test_unet_meta_round_trip_and_errors():
         net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2, 3]))
     emb = timestep_embedding(torch.tensor([0, 1]), 8)
     assert emb.shape == (2, 8) and torch.allclose(emb[0, :4], torch.ones(4))  # cos(0) = 1
+
+
+# --------------------------------------------------------------------------- the classifier and DDPM methods
+
+def test_classifier_trains_in_process_and_method_evaluate_gives_a_top1_table(tmp_path):
+    """trainers.classifier.train with run.num_workers=0 (the one training path), then METHOD.evaluate on its run
+    folder and on a 3-channel checkpoint that the wafer maps cannot feed."""
+    from fabdistill.config import load_config
+    from fabdistill.methods import EvalTable, get_method
+    from trainers import classifier
+    from trainers.launch import read_metrics
+
+    cfg = load_config(classifier.Config, "configs/classifier_wafer.yaml", [
+        f"run.storage_path={tmp_path}", "run.name=clf", "run.num_workers=0", "data.n_train=128", "data.n_eval=32",
+        "data.size=16", "optim.epochs=2", "optim.batch_size=32", "optim.warmup_steps=2", "model.arch=tiny"])
+    outcome = classifier.train(cfg)
+    rows = read_metrics(outcome.run_dir)
+    assert [r["step"] for r in rows] == [4, 8] and all(0 <= r["heldout_top1"] <= 1 for r in rows)
+    assert outcome.checkpoint_dir.endswith("model") and outcome.metrics["epoch"] == 1
+
+    method = get_method("classifier")
+    settings = method.EvalSettings(n=40, size=16)
+    table = method.get("evaluate")({"model": outcome.run_dir}, settings, str(tmp_path / "eval"))
+    assert isinstance(table, EvalTable) and "top-1" in table.markdown()
+    row = table.row("model")
+    assert 0.0 <= row["top1"] <= 1.0 and row["images_per_s"] > 0 and row["arch"] == "tiny"
+    assert (tmp_path / "eval" / "report.md").read_text().startswith("**Held-out top-1 (40 generated wafer maps")
+    # the same number as the trainer's own held-out evaluation, when the settings match the run's held-out set
+    again = method.get("evaluate")({"model": outcome.run_dir}, method.EvalSettings(n=32, size=16), None)
+    assert again.row("model")["top1"] == pytest.approx(rows[-1]["heldout_top1"])
+    # the sweep space scores a trial on the same held-out set (N from the sweep's score settings)
+    from tune.spaces import ScoreSettings, get_space
+
+    space = get_space("classifier")
+    assert space.score_mode == "max" and space.early_stop_metric in rows[-1]
+    scored = space.score(outcome, cfg, ScoreSettings(n=32, batch_size=64))
+    assert scored["heldout_top1"] == pytest.approx(rows[-1]["heldout_top1"]) and scored["images_per_s"] > 0
+
+    rgb = build_resnet("tiny", 9, 3)
+    classifier.save_classifier(str(tmp_path / "rgb"), rgb, "image_pm1")
+    with pytest.raises(ValueError, match="takes 3-channel inputs"):
+        method.get("evaluate")({"model": str(tmp_path / "rgb")}, settings, None)
+
+
+def test_ddpm_samples_to_parquet_and_png(tmp_path):
+    from data.parquet_io import read_dataset
+    from fabdistill.methods import get_method
+    from models.diffusion import GaussianDiffusion
+    from trainers.ddpm import save_ddpm
+
+    torch.manual_seed(0)
+    save_ddpm(str(tmp_path / "ddpm"), build_unet("tiny", 1, 8).eval(), GaussianDiffusion(20, "linear"))
+    method = get_method("ddpm")
+    message = method.get("sample")(str(tmp_path / "ddpm"), str(tmp_path / "out"), method.SampleSettings(n=5, steps=2))
+    table = read_dataset(str(tmp_path / "out" / "samples"))
+    assert table.num_rows == 5 and set(table["label"].to_pylist()) == {-1} and "5 wafer samples" in message
+    assert (tmp_path / "out" / "samples.png").read_bytes()[:4] == b"\x89PNG"

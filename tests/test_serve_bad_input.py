@@ -123,7 +123,8 @@ def test_unreadable_checkpoint_fails_the_deployment_at_start(server, tmp_path):
     """A corrupt state.pt: serve.run fails at deploy time, and the deployment status names the path."""
     from ray import serve
 
-    from serve.app import IKDDiTStudent
+    from serve.framework import student_deployment
+    from serve.students.ikddit import IKDDiTStudent
 
     bad = tmp_path / "corrupt-student"
     bad.mkdir()
@@ -131,7 +132,8 @@ def test_unreadable_checkpoint_fails_the_deployment_at_start(server, tmp_path):
     (bad / "meta.json").write_text(json.dumps({"method": "ikddit", "role": "student"}))
     # The student deployment alone (no second replica to start) and one constructor attempt instead of the
     # default three, to keep the test short.
-    student = IKDDiTStudent.options(max_constructor_retry_count=1).bind({"checkpoint": str(bad)})
+    student = student_deployment(IKDDiTStudent, max_constructor_retry_count=1).bind(IKDDiTStudent,
+                                                                                   {"checkpoint": str(bad)})
     with pytest.raises(RuntimeError, match="Deploying application bad-checkpoint failed"):
         serve.run(student, name="bad-checkpoint", route_prefix=None, logging_config=QUIET)
     status = serve.status().applications["bad-checkpoint"]

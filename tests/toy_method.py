@@ -164,4 +164,4 @@ def __getattr__(name: str) -> Any:
 
 TOY = Method(name="toy", summary="fits y = slope·x (a test's toy method)", Config=Config, train=train, load=load,
              evaluate=evaluate, EvalSettings=EvalSettings, eval_roles=("model",),
-             space=_space(), students=("toy",))
+             space=_space(), students=(f"{__name__}:ToyStudent",))

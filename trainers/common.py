@@ -12,7 +12,6 @@ One meaning each, so that two methods never disagree on what "EMA" or "warm-up" 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Iterator, Mapping, Sequence
 
@@ -71,18 +70,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # --------------------------------------------------------------------------- seeds
 
-def derive_seed(seed: int, *tags: object) -> int:
-    """A seed in [0, 2**31) for the stream named by `tags` (e.g. derive_seed(run_seed, "data", rank)).
-
-    Hashing, not arithmetic: seed*1000 + rank collides with (seed+1)*1000 + rank - 1000, a hash does not; and the
-    same tags give the same stream on every machine and Python version."""
-    text = "/".join([str(int(seed))] + [str(t) for t in tags])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % (2 ** 31)
-
-
-def generator(seed: int, *tags: object) -> torch.Generator:
-    """A CPU torch.Generator seeded with derive_seed(seed, *tags)."""
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+from fabdistill.seeding import derive_seed, generator  # noqa: E402,F401  (inference code derives seeds too)
 
 
 # --------------------------------------------------------------------------- batching

@@ -1,18 +1,22 @@
 """Unconditional DDPM (ε-prediction UNet, models/unet.py + models/diffusion.py) on UNLABELLED images, Ray Train DDP.
 
-Fast-AD's diffusion prior: it learns what wafer maps look like in general, never their classes. Its default data
-are wafer maps from a different generator seed and a different class mix than the teacher's training set, written
-with label −1, so the data-free student never depends on the teacher's data.
+Write-up: an unconditional ε-prediction DDPM on unlabelled wafer maps (or images), Fast-AD's diffusion prior.
+
+It learns what wafer maps look like in general, never their classes. Its default data are wafer maps from a
+different generator seed and a different class mix than the teacher's training set, written with label −1, so the
+data-free student never depends on the teacher's data.
 
     L_simple = E_{x0, t, ε} ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²    (DDPM Eq. 14; GaussianDiffusion.training_loss)
 
-AdamW, linear warm-up, gradient clipping, EMA of the weights (the EMA is what sampling and Fast-AD use).
+AdamW, linear warm-up then a constant (or cosine) rate (trainers/common.py lr_at), gradient clipping, EMA of
+parameters and buffers (trainers/common.py ema_update; the EMA is what sampling and Fast-AD use).
 
-    python -m apps.train ddpm --config configs/ddpm_wafer.yaml       # Ray Train (checkpoints, resume)
-    fit_ddpm(unet, diffusion, x, steps=...)                           # in-process (benchmarks, tests)
+    python -m apps.train ddpm --config configs/ddpm_wafer.yaml                  # Ray Train (checkpoints, resume)
+    python -m apps.train ddpm --config ... --set run.num_workers=0               # the same loop in-process
+    python -m apps.sample ddpm --checkpoint runs/ddpm_wafer --n 64 --out runs/ddpm_samples
 
 Exported checkpoint (`<run>/model/`): state["ema"] (and "model"), meta {"kind": "ddpm", UNet meta, "num_timesteps",
-"schedule", "encoding"}; `load_ddpm(path) -> (unet, diffusion, meta)`.
+"schedule", "encoding"}; `load_ddpm(path) -> (unet, diffusion, meta)` (fabdistill/inference/ddpm.py).
 """
 
 from __future__ import annotations
@@ -25,77 +29,44 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from data.schema import NUM_WAFER_CLASSES
 from fabdistill.config import ConfigError, knob, section
+from fabdistill.inference.ddpm import (SampleSettings, ddpm_meta, grid_png, load_ddpm,  # noqa: F401
+                                       sample_images, sample_to_files, to_uint8)
+from fabdistill.methods import Method, TrainOutcome
 from models.diffusion import SCHEDULES, GaussianDiffusion
-from models.unet import UNET_SIZES, UNet, build_unet, unet_from_meta
-from trainers.classifier import batch_to_tensors, random_dihedral, table_to_tensors
-from trainers.launch import RunSection, TrainOutcome, TrainSession, launch, load_state, resolve_checkpoint, \
-    save_state
+from models.unet import UNET_SIZES, UNet, build_unet
+from trainers.classifier import random_dihedral, split_dataset
+from trainers.common import SCHEDULES as LR_SCHEDULES
+from trainers.common import Cadence, RunningMeans, derive_seed, ema_update, generator, infinite_batches, lr_at, \
+    set_lr
+from trainers.launch import RunSection, TrainSession, launch, save_state
 
 # Teacher data default: uniform mix, seed 1. The prior sees another seed and a skewed, WM-811K-like mix
 # (many "none" maps, fewer near-full ones), in WAFER_CLASSES order.
 PRIOR_CLASS_WEIGHTS = [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 3.0]
+assert len(PRIOR_CLASS_WEIGHTS) == NUM_WAFER_CLASSES
 
 
 ####################################################################################################################
-# Pieces shared by the Ray loop and the in-process fit
+# One step, checkpoints
 ####################################################################################################################
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    # θ_ema ← decay·θ_ema + (1 − decay)·θ
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
 
 
 def ddpm_step(model: nn.Module, ema: Optional[nn.Module], opt: torch.optim.Optimizer, diffusion: GaussianDiffusion,
-              x0: Tensor, lr: float, ema_decay: float, grad_clip: float,
-              generator: Optional[torch.Generator] = None) -> float:
-    """One optimisation step of L_simple on a batch x0 (B, C, H, W) in [−1, 1]; returns the loss."""
-    for g in opt.param_groups:
-        g["lr"] = lr
+              x0: Tensor, ema_decay: float, grad_clip: float, gen: Optional[torch.Generator] = None) -> float:
+    """One optimisation step of L_simple on a batch x0 (B, C, H, W) in [−1, 1] at the optimiser's current lr;
+    t and ε are drawn with `gen`. Returns the loss."""
     model.train()
-    loss = diffusion.training_loss(model, x0, generator=generator).mean()  # per-sample (B,) → scalar
+    loss = diffusion.training_loss(model, x0, generator=gen).mean()  # per-sample (B,) → scalar
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     if ema is not None:
-        ema_update(ema, getattr(model, "module", model), ema_decay)
+        ema_update(ema, model, ema_decay)
     return float(loss.detach())
-
-
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
-
-
-def fit_ddpm(unet: UNet, diffusion: GaussianDiffusion, x: Tensor, *, steps: int = 1000, batch_size: int = 64,
-             lr: float = 1e-3, ema_decay: float = 0.995, warmup_steps: int = 100, grad_clip: float = 1.0,
-             augment: bool = True, seed: int = 0, log_every: int = 0) -> UNet:
-    """In-process DDPM training on tensors x (N, C, H, W) in [−1, 1]; returns the EMA network (eval mode)."""
-    if x.shape[0] < batch_size:
-        raise ValueError(f"{x.shape[0]} samples are fewer than batch_size {batch_size}")
-    gen = torch.Generator().manual_seed(seed)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    running = None
-    for step in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
-        xb = random_dihedral(x[idx], gen) if augment else x[idx]
-        loss = ddpm_step(unet, ema, opt, diffusion, xb, warmup_lr(step, lr, warmup_steps), ema_decay, grad_clip, gen)
-        running = loss if running is None else 0.98 * running + 0.02 * loss
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[ddpm] step {step + 1}/{steps} loss={running:.4f}", flush=True)
-    return ema
-
-
-def ddpm_meta(unet: UNet, diffusion: GaussianDiffusion, encoding: str = "wafer_pm1") -> dict[str, Any]:
-    return {"kind": "ddpm", **unet.meta(), "num_timesteps": diffusion.num_timesteps, "schedule": diffusion.schedule,
-            "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end, "encoding": encoding}
 
 
 def save_ddpm(directory: str, ema: UNet, diffusion: GaussianDiffusion, encoding: str = "wafer_pm1",
@@ -105,16 +76,12 @@ def save_ddpm(directory: str, ema: UNet, diffusion: GaussianDiffusion, encoding:
     save_state(directory, state, {**ddpm_meta(ema, diffusion, encoding), **(extra_meta or {})})
 
 
-def load_ddpm(path: str, map_location: str | torch.device = "cpu") -> tuple[UNet, GaussianDiffusion, dict[str, Any]]:
-    """(EMA UNet in eval mode, its GaussianDiffusion, meta) from a checkpoint folder or a run folder."""
-    state, meta = load_state(resolve_checkpoint(path), map_location=map_location)
-    if meta.get("kind") != "ddpm":
-        raise ValueError(f"{path}: not a DDPM checkpoint (meta kind {meta.get('kind')!r})")
-    unet = unet_from_meta(meta)
-    unet.load_state_dict(state["ema"] if "ema" in state else state["model"])
-    diffusion = GaussianDiffusion(int(meta["num_timesteps"]), str(meta["schedule"]),
-                                  float(meta.get("beta_start", 1e-4)), float(meta.get("beta_end", 0.02)))
-    return unet.to(map_location).eval().requires_grad_(False), diffusion, meta
+def _write_samples(ema: UNet, diffusion: GaussianDiffusion, n: int, out_dir: str, seed: int, encoding: str) -> None:
+    """A PNG grid (`out_dir/samples.png`) of n DDIM-50 samples, wafer maps drawn in their three levels."""
+    from fabdistill import storage
+
+    x = sample_images(ema, diffusion, n, steps=50, seed=seed)
+    storage.write_bytes(storage.join(out_dir, "samples.png"), grid_png(to_uint8(x, encoding)))
 
 
 ####################################################################################################################
@@ -131,8 +98,8 @@ class DataSection:
     n_train: int = knob(6000, ge=1, help="generated maps (when uri is None)")
     seed: int = knob(2, ge=0, help="generator seed; differs from the teacher's (1) on purpose")
     size: int = knob(32, ge=8, le=256)
-    class_weights: list[float] = knob(PRIOR_CLASS_WEIGHTS,
-                                      help="class mix of the generated maps (9 weights), unlike the teacher's")
+    class_weights: list[float] = knob(PRIOR_CLASS_WEIGHTS, help=f"class mix of the generated maps "
+                                      f"({NUM_WAFER_CLASSES} weights), unlike the teacher's")
 
 
 @dataclasses.dataclass
@@ -153,6 +120,7 @@ class OptimSection:
     steps: int = knob(3000, ge=1, help="optimisation steps")
     batch_size: int = knob(64, ge=1, help="per-worker batch size")
     lr: float = knob(1e-3, gt=0, le=1, help="AdamW learning rate after warm-up")
+    lr_schedule: str = knob("constant", choices=LR_SCHEDULES, help="after warm-up (trainers/common.py lr_at)")
     warmup_steps: int = knob(100, ge=0)
     ema_decay: float = knob(0.995, ge=0, lt=1)
     grad_clip: float = knob(1.0, ge=0, help="max gradient norm (0: off)")
@@ -171,19 +139,23 @@ class Config:
     run: RunSection = section(RunSection)
 
     def check(self) -> None:
-        if len(self.data.class_weights) not in (0, 9):
-            raise ConfigError(f"data.class_weights needs 9 weights, got {len(self.data.class_weights)}")
+        if len(self.data.class_weights) not in (0, NUM_WAFER_CLASSES):
+            raise ConfigError(f"data.class_weights needs {NUM_WAFER_CLASSES} weights, "
+                              f"got {len(self.data.class_weights)}")
 
 
 ####################################################################################################################
-# Ray Train loop
+# The training loop (Ray Train workers, or in-process with run.num_workers=0)
 ####################################################################################################################
 
 
 def loop(config: dict) -> None:
     """Per-worker loop (trainers.launch.launch): DDP on the UNet, EMA on every rank, rank 0 checkpoints."""
+    from data.encoding import encode_tensors
+
     sess = TrainSession.current()
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    seed = config["seed"]
+    torch.manual_seed(derive_seed(seed, "init"))  # identical initial weights on every rank
     net = build_unet(config["size"], config["in_channels"], config["image_size"], dropout=config["dropout"])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     model = sess.prepare(net)
@@ -200,71 +172,40 @@ def loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         step = int(meta["step"])
 
-    gen = torch.Generator().manual_seed(config["seed"] * 7919 + sess.rank + step)
-    shard = sess.dataset("train")
-    encoding = "wafer_pm1"
-    running: Optional[float] = None
-    epoch = 0
+    kind = config["kind"]
+    x_all = encode_tensors(sess.load_shard("train", kind), kind)  # labels, if any, are ignored
+    # Streams derived from (seed, rank, the step this attempt starts at): a resumed run draws fresh, reproducible
+    # batches and noise rather than replaying the first steps' ones.
+    batch_gen = generator(seed, "batches", sess.rank, step)
+    noise_gen = generator(seed, "noise", sess.rank, step)
+    batches = infinite_batches({"x": x_all}, config["batch_size"], batch_gen)
+    cadence = Cadence(config["log_every"], config["checkpoint_every"], config["steps"])
+    means = RunningMeans()
+
+    def training_state() -> dict:
+        return {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+
+    meta = ddpm_meta(ema, diffusion, config["encoding"])
     while step < config["steps"]:
-        batches = shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=4 * config["batch_size"],
-                                     local_shuffle_seed=config["seed"] * 10_007 + epoch * 101 + sess.rank)
-        epoch += 1
-        for batch in batches:
-            if step >= config["steps"]:
-                break
-            x, _, encoding = batch_to_tensors(batch)  # labels, if any, are ignored
-            if config["augment"]:
-                x = random_dihedral(x, gen)
-            loss = ddpm_step(model, ema, opt, diffusion, x.to(sess.device),
-                             warmup_lr(step, config["lr"], config["warmup_steps"]), config["ema_decay"],
-                             config["grad_clip"], None)
-            step += 1
-            running = loss if running is None else 0.98 * running + 0.02 * loss
-            last = step == config["steps"]
-            if step % config["checkpoint_every"] == 0 or last:
-                state = {"model": net.state_dict(), "ema": ema.state_dict(),
-                         "optimizer": opt.state_dict()} if sess.is_main else {}
-                sess.report({"loss": running, "epoch": epoch}, step=step, state=state,
-                            meta=ddpm_meta(ema, diffusion, encoding))
-            elif step % config["log_every"] == 0:
-                sess.report({"loss": running, "epoch": epoch}, step=step)
+        x = next(batches)["x"]
+        if config["augment"]:
+            x = random_dihedral(x, batch_gen)
+        step += 1
+        set_lr(opt, lr_at(step, config["steps"], config["lr"], warmup_steps=config["warmup_steps"],
+                          schedule=config["lr_schedule"]))
+        means.add({"loss": ddpm_step(model, ema, opt, diffusion, x.to(sess.device), config["ema_decay"],
+                                     config["grad_clip"], noise_gen)})
+        if cadence.report(step):
+            (loss,) = sess.all_reduce_mean([means.pop()["loss"]])
+            sess.report({"loss": loss, "lr": opt.param_groups[0]["lr"]}, step=step,
+                        state=training_state if cadence.checkpoint(step) else None, meta=meta)
     if sess.is_main and config["sample_count"] > 0:
-        _write_samples(ema, diffusion, config["sample_count"], sess.run_dir, config["seed"], encoding)
-
-
-def _write_samples(ema: UNet, diffusion: GaussianDiffusion, n: int, out_dir: str, seed: int, encoding: str) -> None:
-    """A PNG grid of DDIM-50 samples (wafer maps drawn in their three levels) next to the checkpoints."""
-    import io
-
-    from PIL import Image
-
-    from fabdistill import storage
-
-    device = next(ema.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = diffusion.ddim_sample(ema, (n, ema.in_channels, ema.image_size, ema.image_size), steps=50, generator=gen,
-                              device=device, clip_x0=1.0).cpu()
-    img = ((x.clamp(-1, 1).round() if encoding == "wafer_pm1" else x.clamp(-1, 1)) + 1) * 127.5  # (N, C, H, W)
-    img = img.to(torch.uint8)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    c, h, w = img.shape[1:]
-    grid = torch.zeros(c, rows * (h + 2), cols * (w + 2), dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = img[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if c == 1 else arr).resize((grid.shape[2] * 4, grid.shape[1] * 4),
-                                                                   Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    storage.write_bytes(storage.join(out_dir, "samples.png"), buf.getvalue())
+        _write_samples(ema, diffusion, config["sample_count"], sess.run_dir, seed, config["encoding"])
 
 
 def unlabelled_wafer_table(n: int, seed: int, size: int, class_weights: Optional[list[float]]) -> Any:
     """Generated wafer maps with the labels removed (label −1): what a fab could share without its annotations."""
-    from data.parquet_io import from_fixed_list
+    from data.schema import from_fixed_list
     from data.wafer import generate_wafer, wafer_table
 
     table = generate_wafer(n, seed=seed, size=size, class_weights=class_weights or None)
@@ -272,38 +213,43 @@ def unlabelled_wafer_table(n: int, seed: int, size: int, class_weights: Optional
     return wafer_table(maps, None, np.full(n, -1), table["lot_id"].to_pylist(), table["wafer_id"].to_pylist())
 
 
-def train(cfg: Config) -> TrainOutcome:
-    """Generate (or take) the unlabelled Parquet data and run `loop` on Ray Train; the final checkpoint is
-    exported to `<storage_path>/<name>/model/` (load it with load_ddpm)."""
+def train(cfg: Config, callbacks: Optional[list] = None) -> TrainOutcome:
+    """Generate (or take) the unlabelled Parquet data and run `loop` through trainers.launch (Ray Train workers,
+    or in-process with run.num_workers=0); the final checkpoint is exported to `<storage_path>/<name>/model/`."""
     from data.parquet_io import write_dataset
     from fabdistill import storage
+    from trainers.classifier import dataset_kind, dataset_schema
     from trainers.launch import run_dir
 
     d, m = cfg.data, cfg.model
     uri = d.uri
     if uri is not None:
-        from trainers.classifier import _split_dataset
-
-        uri, _ = _split_dataset(uri, d.split, "", storage.join(run_dir(cfg.run), "data"))
+        uri, _ = split_dataset(uri, d.split, "", storage.join(run_dir(cfg.run), "data"))
+        kind = dataset_kind(dataset_schema(uri))
     else:
         if m.in_channels != 1:
             raise ConfigError("generated wafer maps have one channel: set model.in_channels=1 or give data.uri")
         uri = storage.join(run_dir(cfg.run), "data", "train")
         if not storage.exists(uri):
             write_dataset(unlabelled_wafer_table(d.n_train, d.seed, d.size, d.class_weights), uri, "wafer")
+        kind = "wafer"
     loop_config = {
         "size": m.size, "in_channels": m.in_channels, "image_size": d.size, "dropout": m.dropout,
         "num_timesteps": cfg.diffusion.num_timesteps, "schedule": cfg.diffusion.schedule,
-        **{k: getattr(cfg.optim, k) for k in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip",
-                                              "augment", "log_every", "checkpoint_every", "sample_count")},
-        "seed": cfg.run.seed,
+        **{k: getattr(cfg.optim, k) for k in ("steps", "batch_size", "lr", "lr_schedule", "warmup_steps",
+                                              "ema_decay", "grad_clip", "augment", "log_every", "checkpoint_every",
+                                              "sample_count")},
+        "seed": cfg.run.seed, "kind": kind, "encoding": "wafer_pm1" if kind == "wafer" else "image_pm1",
     }
-    return launch(loop, loop_config, cfg.run, datasets={"train": uri}, full_config=cfg)
+    return launch(loop, loop_config, cfg.run, datasets={"train": uri}, full_config=cfg, extra_callbacks=callbacks)
 
 
-def tensors_from_uri(uri: str) -> Tensor:
-    """All images of a Parquet dataset as (N, C, H, W) in [−1, 1] (labels ignored)."""
-    from data.parquet_io import read_dataset
-
-    x, _, _ = table_to_tensors(read_dataset(uri))
-    return x
+METHOD = Method(
+    name="ddpm",
+    summary="unconditional DDPM on unlabelled wafer maps (Fast-AD's diffusion prior)",
+    Config=Config,
+    train=train,
+    load="fabdistill.inference.ddpm:load_ddpm",
+    sample="fabdistill.inference.ddpm:sample_to_files", SampleSettings=SampleSettings,
+    default_config="configs/ddpm_wafer.yaml",
+)

@@ -23,33 +23,31 @@ def _loss_plot(run_dirs: dict[str, str], path: str) -> None:
 def run_demo(config_path: str = "configs/ikddit_demo.yaml", overrides: tuple[str, ...] = (), n_eval: int = 1000,
              eval_steps: int = 50) -> str:
     from trainers.ikddit import Config, train
-    from trainers.ikddit_eval import evaluate, format_table
+    from trainers.ikddit_eval import EvalSettings, evaluate
     from trainers.launch import run_dir
 
     t0 = time.time()
     cfg = load_config(Config, config_path, overrides)
     print(f"[demo] 1/3 training teacher and masked student ({cfg.model.size}) on "
           f"{cfg.data.num_train} synthetic overlay maps with {cfg.run.num_workers} Ray Train workers", flush=True)
-    outcomes = train(cfg)
+    outcome = train(cfg)
     t_train = time.time() - t0
+    checkpoints = {phase: run.checkpoint_dir for phase, run in outcome.phases.items()}
     out_dir = storage.join(run_dir(cfg.run), "report")
-    print(f"[demo] 2/3 sampling and evaluating on {n_eval} held-out maps (DDIM {eval_steps} steps)", flush=True)
-    result = evaluate(outcomes["student"].checkpoint_dir, outcomes["teacher"].checkpoint_dir, n=n_eval,
-                      steps=eval_steps, out_dir=out_dir)
+    print(f"[demo] 2/3 sampling and evaluating on {n_eval} held-out maps (DDIM {eval_steps} steps), next to "
+          f"{n_eval} real maps of the same equipment contexts (the floor)", flush=True)
+    table = evaluate(checkpoints, EvalSettings(n=n_eval, steps=eval_steps), out_dir=out_dir)
     print("[demo] 3/3 writing the report", flush=True)
-    _loss_plot({k: v.run_dir for k, v in outcomes.items()}, storage.join(out_dir, "training_loss.png"))
+    _loss_plot({k: v.run_dir for k, v in outcome.phases.items()}, storage.join(out_dir, "training_loss.png"))
     report_uri = storage.join(out_dir, "report.md")
     body = storage.read_bytes(report_uri).decode()
     minutes = (time.time() - t0) / 60
     header = ["# fabdistill demo: IKDDiT on synthetic overlay maps", "",
               f"Config `{config_path}` (resolved copy in the run folders); training {t_train / 60:.1f} min, "
               f"total {minutes:.1f} min.", "",
-              f"- teacher checkpoint: `{outcomes['teacher'].checkpoint_dir}`",
-              f"- student checkpoint: `{outcomes['student'].checkpoint_dir}`", "",
+              *[f"- {phase} checkpoint: `{path}`" for phase, path in checkpoints.items()], "",
               "![training loss](training_loss.png)", ""]
-    storage.write_bytes(report_uri, ("\n".join(header) + "\n" + body.split("\n", 1)[1]).encode())
-    print(format_table(result.rows, n_eval))
-    if result.speedup is not None:
-        print(f"[demo] student/teacher sampling throughput: {result.speedup:.2f}x")
+    storage.write_bytes(report_uri, ("\n".join(header) + "\n" + body.split("\n", 1)[1].lstrip("\n")).encode())
+    print(table.markdown())
     print(f"[demo] done in {minutes:.1f} min; report: {report_uri}", flush=True)
     return report_uri

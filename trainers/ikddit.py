@@ -11,7 +11,11 @@ from the full x_t, so student-only sampling on the visible tokens of each step i
 reports x0 converging on custom data where ε did not.) `model.prediction: eps` keeps the ε variant.
 
 Phases: `teacher` trains teacher + contrastive embedding; `student` freezes them and distills; `both` runs the
-two as separate Ray Train runs (`<name>-teacher`, `<name>-student`), each resumable on its own.
+two as separate runs (`<name>-teacher`, `<name>-student`), each resumable on its own. `train()` returns one
+TrainOutcome: each phase's run in `.phases`, the final phase's at the top level.
+
+Inference (the pipeline, sampling to files) is fabdistill/inference/ikddit.py; evaluation trainers/ikddit_eval.py;
+the sweep space trainers/ikddit_tune.py.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.seeds import OVERLAY_FLOOR, OVERLAY_HELD_OUT
+from fabdistill.checkpoints import load_state, resolve_checkpoint
 from fabdistill.config import knob, section
+from fabdistill.inference.ikddit import SampleSettings, build_networks, make_diffusion
+from fabdistill.methods import Method, TrainOutcome
 from models.diffusion import GaussianDiffusion
-from models.dit import DIT_SIZES, build_dit, unpatchify
-from fabdistill.inference.ikddit import IKDDiTPipeline, build_networks, eps_from_output, make_diffusion  # noqa: F401
-from trainers.launch import RunSection, TrainOutcome, TrainSession, launch, load_state, resolve_checkpoint
+from models.dit import DIT_SIZES, unpatchify
+from trainers.common import Cadence, RunningMeans, ema_update, generator, infinite_batches
+from trainers.ikddit_eval import EvalSettings
+from trainers.launch import RunSection, TrainSession, launch
 
 
 # --------------------------------------------------------------------------- config
@@ -103,6 +112,9 @@ class Config:
             raise ConfigError("phase 'student' needs teacher_checkpoint (a teacher checkpoint or run folder)")
         if self.model.beta_end <= self.model.beta_start:
             raise ConfigError("model.beta_end must be larger than model.beta_start")
+        if not self.data.train_uri and self.data.seed in (OVERLAY_HELD_OUT, OVERLAY_FLOOR):
+            raise ConfigError(f"data.seed {self.data.seed} draws the held-out/floor maps evaluation compares "
+                              "against (data/seeds.py); pick another")
 
 
 # --------------------------------------------------------------------------- losses (Eq. numbers of the IKDDiT paper)
@@ -153,12 +165,6 @@ def target_of(diffusion: GaussianDiffusion, prediction: str, x0: torch.Tensor, n
     return x0 if prediction == "x0" else noise
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
 class TeacherObjective(nn.Module):
     """Teacher + contrastive embedding as one module, so DDP syncs both; forward returns the loss terms."""
 
@@ -176,28 +182,7 @@ class TeacherObjective(nn.Module):
                 "loss_infonce": infonce_loss(cond["z_image"], cond["z_context"], temperature)}
 
 
-class StudentWithEmbedding(nn.Module):
-    """The deployable student: frozen contrastive embedding + masked student DiT."""
-
-    def __init__(self, student: nn.Module, embedding: nn.Module):
-        super().__init__()
-        self.student, self.embedding = student, embedding
-
-    def forward(self, x_t, t, log, equipment_id, mask_ratio, generator=None):
-        cond = self.embedding(log, equipment_id)
-        return self.student(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=mask_ratio, generator=generator)
-
-
 # --------------------------------------------------------------------------- per-worker loops
-
-def _batches(data: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator):
-    n = next(iter(data.values())).shape[0]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            idx = order[i:i + batch_size]
-            yield {k: v[idx] for k, v in data.items()}
-
 
 def _prepare_batch(batch: dict, scale_nm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
     x0 = (batch["overlay"] / scale_nm).to(device)
@@ -224,9 +209,10 @@ def teacher_loop(config: dict) -> None:
     ema.to(sess.device)
     diffusion = make_diffusion(model_cfg)
     data = sess.load_shard("train", "overlay")
-    gen = torch.Generator().manual_seed(sess.run.seed * 1000 + sess.rank + start)
-    batches = _batches(data, tc["batch_size"], gen)
-    running: dict[str, float] = {}
+    gen = generator(sess.run.seed, "ikddit", "teacher", sess.rank, start)  # a resumed run draws anew
+    batches = infinite_batches(data, tc["batch_size"], gen)
+    cadence = Cadence(tc["log_every"], tc["checkpoint_every"], tc["steps"])
+    running = RunningMeans()
     for step in range(start + 1, tc["steps"] + 1):
         x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
         t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
@@ -239,15 +225,13 @@ def teacher_loop(config: dict) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         opt.step()
         ema_update(ema, objective, tc["ema_decay"])
-        _accumulate(running, {"loss": loss, **terms})
-        if step % tc["log_every"] == 0 or step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
-            metrics = _mean(running)
-            state = None
-            if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
-                state = {"objective": objective.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "teacher": ema.teacher.state_dict(), "embedding": ema.embedding.state_dict()}
-            sess.report(metrics, step=step, state=state if sess.is_main else None,
-                        meta=_meta(config, "teacher") if state is not None else None)
+        running.add({"loss": loss, **terms})
+        if cadence.report(step):
+            checkpoint = cadence.checkpoint(step)
+            state = (lambda: {"objective": objective.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                              "teacher": ema.teacher.state_dict(), "embedding": ema.embedding.state_dict()})
+            sess.report(running.pop(), step=step, state=state if checkpoint else None,
+                        meta=_meta(config, "teacher") if checkpoint else None)
 
 
 def student_loop(config: dict) -> None:
@@ -285,9 +269,10 @@ def student_loop(config: dict) -> None:
     diffusion = make_diffusion(model_cfg)
     prediction, p = model_cfg["prediction"], student.patch_size
     data = sess.load_shard("train", "overlay")
-    gen = torch.Generator().manual_seed(sess.run.seed * 1000 + sess.rank + start)
-    batches = _batches(data, sc["batch_size"], gen)
-    running: dict[str, float] = {}
+    gen = generator(sess.run.seed, "ikddit", "student", sess.rank, start)
+    batches = infinite_batches(data, sc["batch_size"], gen)
+    cadence = Cadence(sc["log_every"], sc["checkpoint_every"], sc["steps"])
+    running = RunningMeans()
     for step in range(start + 1, sc["steps"] + 1):
         x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
         t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
@@ -318,29 +303,15 @@ def student_loop(config: dict) -> None:
             torch.nn.utils.clip_grad_norm_(student_ddp.parameters(), sc["grad_clip"])
         opt.step()
         ema_update(ema, student, sc["ema_decay"])
-        _accumulate(running, {"loss": loss, "loss_dsm": loss_dsm, "loss_mae": loss_mae, "loss_adv": loss_adv,
-                              "loss_disc": loss_disc})
-        if step % sc["log_every"] == 0 or step % sc["checkpoint_every"] == 0 or step == sc["steps"]:
-            metrics = _mean(running)
-            state = None
-            if step % sc["checkpoint_every"] == 0 or step == sc["steps"]:
-                state = {"student": ema.state_dict(), "student_raw": student.state_dict(),
-                         "embedding": embedding.state_dict(), "discriminator": disc.state_dict(),
-                         "opt": opt.state_dict(), "opt_d": opt_d.state_dict()}
-            sess.report(metrics, step=step, state=state if sess.is_main else None,
-                        meta=_meta(config, "student") if state is not None else None)
-
-
-def _accumulate(running: dict, terms: dict) -> None:
-    for k, v in terms.items():
-        total, count = running.get(k, (0.0, 0))
-        running[k] = (total + float(v.detach()), count + 1)
-
-
-def _mean(running: dict) -> dict:
-    out = {k: total / max(count, 1) for k, (total, count) in running.items()}
-    running.clear()
-    return out
+        running.add({"loss": loss, "loss_dsm": loss_dsm, "loss_mae": loss_mae, "loss_adv": loss_adv,
+                     "loss_disc": loss_disc})
+        if cadence.report(step):
+            checkpoint = cadence.checkpoint(step)
+            state = (lambda: {"student": ema.state_dict(), "student_raw": student.state_dict(),
+                              "embedding": embedding.state_dict(), "discriminator": disc.state_dict(),
+                              "opt": opt.state_dict(), "opt_d": opt_d.state_dict()})
+            sess.report(running.pop(), step=step, state=state if checkpoint else None,
+                        meta=_meta(config, "student") if checkpoint else None)
 
 
 def _meta(config: dict, role: str) -> dict:
@@ -380,26 +351,28 @@ def overlay_scale_nm(table) -> float:
     return float(max(values.std(), 1e-3))
 
 
-def train(cfg: Config, callbacks: Optional[list] = None) -> dict[str, TrainOutcome]:
-    """Run the configured phase(s). `callbacks`: extra Ray Train callbacks for every launched run (e.g. Tune's
-    TuneReportCallback when a sweep trial calls this)."""
+def train(cfg: Config, callbacks: Optional[list] = None) -> TrainOutcome:
+    """Run the configured phase(s): one TrainOutcome whose `phases` hold each phase run ("teacher", "student")
+    and whose top-level fields are the final phase's. `callbacks`: extra Ray Train callbacks for every launched
+    run (e.g. Tune's TuneReportCallback when a sweep trial calls this)."""
     import ray
 
-    from trainers.launch import ensure_ray
+    if cfg.run.num_workers > 0:
+        from trainers.launch import ensure_ray
 
-    ensure_ray()
+        ensure_ray()
     uri, scale_nm = prepare_training_data(cfg)
     base = {"model": dataclasses.asdict(cfg.model), "teacher": dataclasses.asdict(cfg.teacher),
             "student": dataclasses.asdict(cfg.student), "map_size": cfg.data.map_size, "scale_nm": scale_nm}
-    outcomes: dict[str, TrainOutcome] = {}
+    phases: dict[str, TrainOutcome] = {}
     teacher_path = cfg.teacher_checkpoint
     if cfg.phase in ("teacher", "both"):
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-teacher")
         print(f"[ikddit] teacher: {cfg.model.size}, {cfg.teacher.steps} steps on {cfg.run.num_workers} workers",
               flush=True)
-        outcomes["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg,
-                                     extra_callbacks=callbacks)
-        teacher_path = outcomes["teacher"].checkpoint_dir
+        phases["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg,
+                                   extra_callbacks=callbacks)
+        teacher_path = phases["teacher"].checkpoint_dir
     if cfg.phase in ("student", "both"):
         state, meta = load_state(resolve_checkpoint(teacher_path))
         if meta.get("method") != "ikddit" or meta.get("role") != "teacher":
@@ -409,11 +382,33 @@ def train(cfg: Config, callbacks: Optional[list] = None) -> dict[str, TrainOutco
             print("[ikddit] note: using the teacher checkpoint's model section", flush=True)
             base["model"] = meta["model"]
         base["scale_nm"] = meta.get("scale_nm", scale_nm)
-        student_config = {**base, "teacher_state_ref": ray.put({"teacher": state["teacher"],
-                                                                  "embedding": state["embedding"]})}
+        teacher_state = {"teacher": state["teacher"], "embedding": state["embedding"]}
+        # Ray workers fetch the frozen teacher from the object store; an in-process run takes it as it is.
+        student_config = ({**base, "teacher_state_ref": ray.put(teacher_state)} if cfg.run.num_workers > 0
+                          else {**base, "teacher_state": teacher_state})
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-student")
         print(f"[ikddit] student: mask ratio {cfg.student.mask_ratio}, λ1 {cfg.student.lambda1}, "
               f"λ2 {cfg.student.lambda2}, {cfg.student.steps} steps", flush=True)
-        outcomes["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg,
-                                     extra_callbacks=callbacks)
-    return outcomes
+        phases["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg,
+                                   extra_callbacks=callbacks)
+    final = phases["student" if "student" in phases else "teacher"]
+    return dataclasses.replace(final, phases=phases)
+
+
+# --------------------------------------------------------------------------- the method declaration
+
+METHOD = Method(
+    name="ikddit",
+    summary="masked teacher/student DiT for overlay maps (IKDDiT)",
+    Config=Config,
+    train=train,
+    load="fabdistill.inference.ikddit:IKDDiTPipeline.from_checkpoint",
+    sample="fabdistill.inference.ikddit:sample_to_files",
+    SampleSettings=SampleSettings,
+    evaluate="trainers.ikddit_eval:evaluate",
+    EvalSettings=EvalSettings,
+    eval_roles=("student", "teacher"),
+    space="trainers.ikddit_tune:SPACE",
+    students=("ikddit",),
+    default_config="configs/ikddit_tiny.yaml",
+)

@@ -1,134 +1,196 @@
-"""IKDDiT evaluation: sample teacher and student on held-out equipment contexts, score them, write a report.
+"""IKDDiT evaluation: sample teacher and/or student on held-out equipment contexts, score them next to a measured
+real-data floor, write a report.
 
-Scores (all against held-out real maps drawn with a seed the training set never used):
+Scores (all against N held-out real maps, generator seed data/seeds.OVERLAY_HELD_OUT, never a training seed):
 - FID-N and KID through torch-fidelity with the project's overlay feature extractor (metrics/fid.py);
 - overlay model-fit statistics: fitted 10-term distributions and residual |mean|+3σ (metrics/overlay.py);
 - conditional fidelity: the overlay domain classifier recognises the equipment a map was conditioned on;
 - sampling throughput of each, measured in the same process, at the same steps and batch.
+
+The floor row. Samples are conditioned on the held-out maps' own equipment contexts, so they share those maps'
+scanner/chuck/reticle fingerprints and drift; real maps of other contexts would score worse than a good model
+and say nothing. The floor is N real maps with exactly the held-out contexts but independent wafer terms and
+measurement noise (data/overlay.generate_overlay(context_seed=...), seed OVERLAY_FLOOR), scored with the same
+N and code: what a perfect conditional generator would score.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from data.seeds import OVERLAY_FLOOR, OVERLAY_HELD_OUT
 from fabdistill import storage
-from trainers.ikddit import IKDDiTPipeline
+from fabdistill.config import knob
+from fabdistill.inference.ikddit import IKDDiTPipeline, row_seeds, sample_in_batches
+from fabdistill.methods import EvalTable
 
-HELD_OUT_SEED = 90_001  # never used for training sets
-
-
-def held_out_set(n: int, map_size: int = 32, log_dim: int = 128, seed: int = HELD_OUT_SEED) -> dict[str, np.ndarray]:
-    """Real maps (nm) with their equipment logs and IDs, from the synthetic generator with a held-out seed."""
-    from data.datasets import TableDataset
-    from data.overlay import generate_overlay
-
-    table = generate_overlay(n, seed=seed, height=map_size, width=map_size, log_dim=log_dim)
-    ds = TableDataset(table, "overlay")
-    items = [ds[i] for i in range(len(ds))]
-    return {"maps": torch.stack([it["overlay"] for it in items]).numpy(),
-            "log": torch.stack([it["log"] for it in items]).numpy(),
-            "equipment_id": torch.stack([it["equipment_id"] for it in items]).numpy(),
-            "valid": items[0]["valid"][0].numpy()}
-
-
-def sample_batched(pipeline: IKDDiTPipeline, log: np.ndarray, equipment_id: np.ndarray, *, steps: int,
-                   mask_ratio: float, batch_size: int = 256, seed: int = 0, label: str = "") -> tuple[np.ndarray, float]:
-    """Sample in batches with progress output; returns (maps (N, 2, H, W) nm, seconds spent sampling)."""
-    out, spent = [], 0.0
-    n = log.shape[0]
-    pipeline.sample(log[:2], equipment_id[:2], steps=2, mask_ratio=mask_ratio, seed=seed)  # warm-up, not timed
-    for i in range(0, n, batch_size):
-        t0 = time.perf_counter()
-        maps = pipeline.sample(log[i:i + batch_size], equipment_id[i:i + batch_size], steps=steps,
-                               mask_ratio=mask_ratio, seed=seed + i)
-        spent += time.perf_counter() - t0
-        out.append(maps.cpu().numpy())
-        done = min(i + batch_size, n)
-        print(f"[evaluate] {label} sampled {done}/{n} ({done / max(spent, 1e-9):.1f} maps/s)", flush=True)
-    return np.concatenate(out), spent
+ROLES = ("teacher", "student")
+FLOOR_ROW = "real floor (context-matched)"
 
 
 @dataclasses.dataclass
-class EvalResult:
-    rows: dict[str, dict[str, Any]]          # "teacher"/"student" -> metrics
-    speedup: Optional[float]                 # student maps/s ÷ teacher maps/s
-    report_path: Optional[str]
+class EvalSettings:
+    """`python -m apps.evaluate ikddit` settings (`--set key=value`)."""
+
+    n: int = knob(1000, ge=2, le=1_000_000, help="held-out maps, samples per model and floor maps (FID-N)")
+    steps: int = knob(50, ge=1, le=4000, help="DDIM steps")
+    mask_ratio: Optional[float] = knob(None, ge=0, lt=1,
+                                       help="student mask ratio; unset: the checkpoint's training ratio")
+    batch_size: int = knob(256, ge=1, le=65536, help="maps per sampler loop")
+    seed: int = knob(0, ge=0, help="sampling seed (map i draws from row_seeds(seed, n)[i], for every model)")
+    feature_extractor_weights_path: Optional[str] = knob(
+        None, help="torch-fidelity InceptionV3 weights file: FID/KID on Inception features instead of the "
+                   "project's overlay feature extractor")
 
 
-def evaluate(student: Optional[str], teacher: Optional[str], *, n: int = 1000, steps: int = 50,
-             mask_ratio: Optional[float] = None, batch_size: int = 256, seed: int = 0, out_dir: Optional[str] = None,
-             feature_extractor_weights_path: Optional[str] = None) -> EvalResult:
-    """Evaluate any of student/teacher checkpoints (paths or run folders) against n held-out real maps."""
-    from metrics.fid import compute_fid_kid, load_domain_classifier
+# --------------------------------------------------------------------------- real sets
+
+def held_out_set(n: int, map_size: int = 32, log_dim: int = 128, seed: int = OVERLAY_HELD_OUT,
+                 context_seed: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Real maps (N, 2, H, W) nm with their equipment logs (N, log_dim) and IDs (N,), from the synthetic
+    generator; `context_seed`: another set's equipment contexts with this seed's noise."""
+    from data.overlay import generate_overlay, grid_coordinates
+    from data.parquet_io import from_fixed_list
+
+    table = generate_overlay(n, seed=seed, height=map_size, width=map_size, log_dim=log_dim,
+                             context_seed=context_seed)
+    return {"maps": from_fixed_list(table.column("overlay"), (2, map_size, map_size)).astype(np.float32),
+            "log": from_fixed_list(table.column("log"), (log_dim,)).astype(np.float32),
+            "equipment_id": table.column("equipment_id").to_numpy().astype(np.int64),
+            "valid": grid_coordinates(map_size, map_size)["valid"]}
+
+
+def floor_set(n: int, map_size: int = 32, log_dim: int = 128) -> dict[str, np.ndarray]:
+    """The context-matched floor: the held-out set's contexts, independent wafer terms and measurement noise."""
+    return held_out_set(n, map_size, log_dim, seed=OVERLAY_FLOOR, context_seed=OVERLAY_HELD_OUT)
+
+
+# --------------------------------------------------------------------------- sampling and scoring
+
+def sample_held_out(pipe: IKDDiTPipeline, real: dict[str, np.ndarray], *, steps: int, mask_ratio: Optional[float],
+                    seed: int, batch_size: int, label: str = "") -> tuple[np.ndarray, float]:
+    """Maps conditioned on the real set's contexts, map i from row_seeds(seed, N)[i] (the pipeline's one
+    sampling loop). Returns (maps (N, 2, H, W) nm, seconds)."""
+    seeds = row_seeds(seed, real["log"].shape[0])
+    return sample_in_batches(pipe, real["log"], real["equipment_id"], seeds, steps=steps, mask_ratio=mask_ratio,
+                             batch_size=batch_size, label=label)
+
+
+def fid_kid(maps: np.ndarray, real: dict[str, np.ndarray],
+            feature_extractor_weights_path: Optional[str] = None) -> dict[str, Any]:
+    from metrics.fid import compute_fid_kid
+
+    return compute_fid_kid(torch.from_numpy(maps), torch.from_numpy(real["maps"]), domain="overlay",
+                           feature_extractor_weights_path=feature_extractor_weights_path)
+
+
+def score_maps(maps: np.ndarray, real: dict[str, np.ndarray], real_stats: dict, classifier: Any,
+               feature_extractor_weights_path: Optional[str] = None) -> dict[str, Any]:
+    """One table row's scores of maps (N, 2, H, W) nm conditioned on (or drawn with) real's contexts."""
     from metrics.overlay import compare_overlay_stats, conditional_fidelity, overlay_stats
 
-    pipelines = {}
-    if teacher:
-        pipelines["teacher"] = IKDDiTPipeline.from_checkpoint(teacher)
-    if student:
-        pipelines["student"] = IKDDiTPipeline.from_checkpoint(student)
-    if not pipelines:
+    fid = fid_kid(maps, real, feature_extractor_weights_path)
+    stats = overlay_stats(maps)
+    return {"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
+            "cond_fidelity": conditional_fidelity(maps, real["equipment_id"], classifier),
+            "resid_3s_x": stats["residual_m3s_mean"]["x"], "resid_3s_y": stats["residual_m3s_mean"]["y"],
+            "term_w1": compare_overlay_stats(real_stats, stats)["mean_w1_norm"]}
+
+
+def columns(n: int) -> dict[str, tuple[str, str]]:
+    return {"model": ("model", ""), "fid": (f"FID-{n}", ".2f"), "kid_mean": ("KID", ".3f"),
+            "cond_fidelity": ("cond. fidelity", ".3f"), "resid_3s_x": ("resid. \\|m\\|+3σ x (nm)", ".2f"),
+            "resid_3s_y": ("resid. \\|m\\|+3σ y (nm)", ".2f"), "term_w1": ("term W1", ".3f"),
+            "maps_per_s": ("maps/s", ".1f")}
+
+
+def load_pipelines(checkpoints: dict[str, str]) -> dict[str, IKDDiTPipeline]:
+    """Role -> pipeline, teacher first; each checkpoint must be of the role it is given as."""
+    unknown = [r for r in checkpoints if r not in ROLES]
+    if unknown:
+        raise ValueError(f"IKDDiT evaluates roles {', '.join(ROLES)}; got {unknown[0]!r}")
+    given = {r: checkpoints[r] for r in ROLES if checkpoints.get(r)}
+    if not given:
         raise ValueError("give a student and/or a teacher checkpoint to evaluate")
+    pipelines = {}
+    for role, path in given.items():
+        pipe = IKDDiTPipeline.from_checkpoint(path)
+        if pipe.role != role:
+            raise ValueError(f"{role} checkpoint {path} is a {pipe.role} checkpoint")
+        pipelines[role] = pipe
+    shapes = {(p.map_size, p.log_dim) for p in pipelines.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"teacher and student disagree on (map size, log dim): {sorted(shapes)}")
+    return pipelines
+
+
+def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
+             out_dir: Optional[str] = None) -> EvalTable:
+    """Evaluate the given roles ({"student": path, "teacher": path}, either may be missing) against
+    settings.n held-out real maps, with the context-matched real floor as a row of its own."""
+    from metrics.fid import load_domain_classifier
+    from metrics.overlay import overlay_stats
+
+    settings = settings or EvalSettings()
+    pipelines = load_pipelines(checkpoints)
     first = next(iter(pipelines.values()))
+    n, fe_path = settings.n, settings.feature_extractor_weights_path
     real = held_out_set(n, first.map_size, first.log_dim)
     classifier = load_domain_classifier("overlay")
     real_stats = overlay_stats(real["maps"])
-    rows: dict[str, dict[str, Any]] = {
-        "real (held-out)": {"fid": 0.0, "kid_mean": 0.0,
-                            "cond_fidelity": conditional_fidelity(real["maps"], real["equipment_id"], classifier),
-                            "resid_3s_x": real_stats["residual_m3s_mean"]["x"],
-                            "resid_3s_y": real_stats["residual_m3s_mean"]["y"]}}
+    floor = floor_set(n, first.map_size, first.log_dim)
+    rows = [{"model": FLOOR_ROW, **score_maps(floor["maps"], real, real_stats, classifier, fe_path)}]
     samples: dict[str, np.ndarray] = {}
-    for name, pipe in pipelines.items():
-        ratio = (mask_ratio if mask_ratio is not None else pipe.meta.get("mask_ratio", 0.5)) if name == "student" else 0.0
-        maps, spent = sample_batched(pipe, real["log"], real["equipment_id"], steps=steps, mask_ratio=ratio,
-                                     batch_size=batch_size, seed=seed, label=name)
-        samples[name] = maps
-        fid = compute_fid_kid(torch.from_numpy(maps), torch.from_numpy(real["maps"]), domain="overlay",
-                              feature_extractor_weights_path=feature_extractor_weights_path)
-        stats = overlay_stats(maps)
-        comparison = compare_overlay_stats(real_stats, stats)
-        rows[name] = {"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
-                      "cond_fidelity": conditional_fidelity(maps, real["equipment_id"], classifier),
-                      "resid_3s_x": stats["residual_m3s_mean"]["x"], "resid_3s_y": stats["residual_m3s_mean"]["y"],
-                      "term_w1": comparison["mean_w1_norm"],
-                      "maps_per_s": n / spent, "mask_ratio": ratio, "steps": steps,
-                      "checkpoint_step": pipe.meta.get("step")}
-    speedup = None
-    if "teacher" in rows and "student" in rows:
-        speedup = rows["student"]["maps_per_s"] / rows["teacher"]["maps_per_s"]
-    report_path = None
+    for role, pipe in pipelines.items():
+        ratio = pipe.resolve_mask_ratio(settings.mask_ratio)
+        maps, spent = sample_held_out(pipe, real, steps=settings.steps, mask_ratio=ratio, seed=settings.seed,
+                                      batch_size=settings.batch_size, label=role)
+        samples[role] = maps
+        rows.append({"model": role, **score_maps(maps, real, real_stats, classifier, fe_path),
+                     "maps_per_s": n / max(spent, 1e-9), "mask_ratio": ratio, "steps": settings.steps,
+                     "checkpoint_step": pipe.meta.get("step")})
+    table = EvalTable(title=f"IKDDiT on {n} held-out overlay maps, DDIM {settings.steps} steps",
+                      columns=columns(n), rows=rows, notes=_notes(rows, n),
+                      extras={"n": n, "steps": settings.steps, "seed": settings.seed, "speedup": _speedup(rows),
+                              "held_out_seed": OVERLAY_HELD_OUT, "floor_seed": OVERLAY_FLOOR})
     if out_dir:
-        report_path = write_report(out_dir, rows, speedup, real, samples, n=n, steps=steps)
-    return EvalResult(rows, speedup, report_path)
+        table.report_path = write_report(out_dir, table, real, samples)
+    return table
 
 
-def format_table(rows: dict[str, dict[str, Any]], n: int) -> str:
-    def fmt(v: Any, spec: str) -> str:
-        return "—" if v is None else format(v, spec)
-
-    lines = [f"| model | FID-{n} | KID | cond. fidelity | resid. \\|m\\|+3σ x / y (nm) | term W1 | maps/s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {fmt(r.get('fid'), '.2f')} | {fmt(r.get('kid_mean'), '.3f')} | "
-                     f"{fmt(r.get('cond_fidelity'), '.3f')} | {fmt(r.get('resid_3s_x'), '.2f')} / "
-                     f"{fmt(r.get('resid_3s_y'), '.2f')} | {fmt(r.get('term_w1'), '.3f')} | "
-                     f"{fmt(r.get('maps_per_s'), '.1f')} |")
-    return "\n".join(lines)
+def _by_model(rows: list[dict]) -> dict[str, dict]:
+    return {r["model"]: r for r in rows}
 
 
-def write_report(out_dir: str, rows: dict, speedup: Optional[float], real: dict, samples: dict, *, n: int,
-                 steps: int) -> str:
+def _speedup(rows: list[dict]) -> Optional[float]:
+    by = _by_model(rows)
+    if "teacher" in by and "student" in by:
+        return by["student"]["maps_per_s"] / by["teacher"]["maps_per_s"]
+    return None
+
+
+def _notes(rows: list[dict], n: int) -> list[str]:
+    by = _by_model(rows)
+    notes = [f"- {FLOOR_ROW}: {n} real maps (seed {OVERLAY_FLOOR}) with the held-out maps' equipment contexts "
+             f"(seed {OVERLAY_HELD_OUT}) and independent wafer terms and measurement noise, scored like the models: "
+             "the score of a perfect conditional generator at this N."]
+    if "teacher" in by and "student" in by:
+        ratio = by["student"]["fid"] / max(by["teacher"]["fid"], 1e-9)
+        notes.append(f"- student FID / teacher FID: {ratio:.3f}; student sampling speed-up over the teacher "
+                     f"(same steps and batch, one process): {_speedup(rows):.2f}×")
+    return notes
+
+
+def write_report(out_dir: str, table: EvalTable, real: dict, samples: dict[str, np.ndarray]) -> str:
+    """report.md, samples.png (real | each model, same context per column) and metrics.json into out_dir."""
     from fabdistill.viz import overlay_grid, save_png
 
     storage.makedirs(out_dir)
-    k = 4
+    k = min(4, real["maps"].shape[0])
     shown = [real["maps"][:k]] + [samples[name][:k] for name in samples]
     titles = [f"real id {int(i)}" for i in real["equipment_id"][:k]]
     for name in samples:
@@ -136,18 +198,17 @@ def write_report(out_dir: str, rows: dict, speedup: Optional[float], real: dict,
     grid = overlay_grid(np.concatenate(shown), titles, valid=real["valid"], columns=k,
                         heading="same equipment context per column: real | " + " | ".join(samples))
     save_png(grid, storage.join(out_dir, "samples.png"))
-    storage.write_bytes(storage.join(out_dir, "metrics.json"),
-                        json.dumps({"rows": rows, "speedup": speedup, "n": n, "steps": steps}, indent=2).encode())
+    storage.write_bytes(storage.join(out_dir, "metrics.json"), table.to_json().encode())
+    n, steps = table.extras["n"], table.extras["steps"]
     text = ["# IKDDiT evaluation", "",
-            f"{n} held-out real maps (generator seed {HELD_OUT_SEED}); DDIM {steps} steps; samples conditioned on the "
-            "held-out maps' equipment logs and IDs.", "", format_table(rows, n), ""]
-    if speedup is not None:
-        text += [f"Student sampling speed-up over the teacher (same steps and batch, one process): **{speedup:.2f}×**", ""]
-    text += ["- FID/KID: torch-fidelity with the project's overlay feature extractor (metrics/weights/), lower is better.",
-             "- cond. fidelity: share of maps whose equipment (scanner × chuck) the overlay classifier recognises as "
-             "the one conditioned on (chance ≈ 1/16).",
-             "- resid. |m|+3σ: residual after the 10-term linear fit; term W1: mean normalised Wasserstein-1 distance "
-             "of fitted terms to the real distribution.", "", "![samples](samples.png)", ""]
+            f"{n} held-out real maps (generator seed {OVERLAY_HELD_OUT}); DDIM {steps} steps; samples conditioned on "
+            "the held-out maps' equipment logs and IDs.", "", table.markdown(), "",
+            "- FID/KID: torch-fidelity with the project's overlay feature extractor (metrics/weights/), lower is "
+            "better; compare the models with the floor row, not with 0.",
+            "- cond. fidelity: share of maps whose equipment (scanner × chuck) the overlay classifier recognises as "
+            "the one conditioned on (chance ≈ 1/16).",
+            "- resid. |m|+3σ: residual after the 10-term linear fit; term W1: mean normalised Wasserstein-1 distance "
+            "of fitted terms to the real distribution.", "", "![samples](samples.png)", ""]
     path = storage.join(out_dir, "report.md")
     storage.write_bytes(path, "\n".join(text).encode())
     return path

@@ -28,6 +28,7 @@ import torch
 
 from fabdistill import storage
 from fabdistill.config import knob
+from fabdistill.seeding import derive_seed
 
 from fabdistill.checkpoints import META_FILE, STATE_FILE, load_state, resolve_checkpoint, save_state  # noqa: F401
 
@@ -283,7 +284,7 @@ class TrainSession:
         self._restored: Optional[tuple[dict, dict]] = None
         self._restored_step: Optional[int] = None
         self._restore_read = False
-        torch.manual_seed(self.run.seed + self.rank)
+        torch.manual_seed(derive_seed(self.run.seed, "worker", self.rank))  # loops seed their own streams too
         if self.is_main:
             # Rows written after the checkpoint we resume from (or by a run that never checkpointed) are replayed
             # by this attempt: drop them so that metrics.jsonl holds every step once.

@@ -47,8 +47,9 @@ class ScoreSection:
 
 @dataclasses.dataclass
 class AshaSection:
-    time_attr: str = knob("step", choices=("step", "training_iteration"),
-                          help="progress measure: the trainer's step, or Tune's count of reports")
+    time_attr: str = knob("", choices=("", "step", "training_iteration"),
+                          help="progress measure: the trainer's step, or Tune's count of reports; empty: the "
+                               "method's own (its space's time_attr)")
     max_t: int = knob(0, ge=0, help="0: the trial's training steps")
     grace_period: int = knob(0, ge=0, help="progress before a trial can be stopped; 0: max_t // 4")
     reduction_factor: float = knob(2.0, gt=1, le=100, help="keep the best 1/rf at each rung")
@@ -147,11 +148,14 @@ def _trainable(context: dict, trial_cpus: float) -> Any:
     return ray_tune.with_resources(ray_tune.with_parameters(sweep_trial, context=context), {"cpu": trial_cpus})
 
 
-def max_concurrency(requested: int, trial_cpus: float, run: dict) -> int:
-    """Trials the cluster can run at once: driver + workers per trial, leaving room for Ray Data's reads."""
+def max_concurrency(requested: int, trial_cpus: float, run: dict, training_cpus: Optional[float] = None) -> int:
+    """Trials the cluster can run at once: driver + training per trial, leaving room for Ray Data's reads.
+    `training_cpus` (from the space's `trial_cpus` hook) overrides run.num_workers × cpus_per_worker."""
     import ray
 
-    per_trial = trial_cpus + run["num_workers"] * run["cpus_per_worker"]
+    if training_cpus is None:
+        training_cpus = run["num_workers"] * run["cpus_per_worker"]
+    per_trial = trial_cpus + training_cpus
     resources = ray.cluster_resources()
     total = float(resources.get("CPU", 1.0))
     fit = max(1, int((total - DATA_RESERVE_CPU) // per_trial))
@@ -175,7 +179,8 @@ def _scheduler(sweep: SweepConfig, space: MethodSpace, base: dict) -> Any:
     if grace > max_t:
         raise ConfigError(f"asha.grace_period {grace} exceeds asha.max_t {max_t}")
     # stop_last_trials=False: a trial that reached max_t still has to score its checkpoint.
-    return ASHAScheduler(time_attr=sweep.asha.time_attr, metric=space.early_stop_metric, mode="min",
+    return ASHAScheduler(time_attr=sweep.asha.time_attr or space.time_attr, metric=space.early_stop_metric,
+                         mode="min",
                          max_t=max_t, grace_period=grace, reduction_factor=sweep.asha.reduction_factor,
                          stop_last_trials=False)
 
@@ -256,7 +261,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: Optional[l
             tune_config=ray_tune.TuneConfig(
                 scheduler=_scheduler(sweep, space, trial_base),
                 num_samples=sweep.trials if random else 1,
-                max_concurrent_trials=max_concurrency(sweep.max_concurrent, sweep.trial_cpus, trial_base["run"]),
+                max_concurrent_trials=max_concurrency(
+                    sweep.max_concurrent, sweep.trial_cpus, trial_base["run"],
+                    space.trial_cpus(trial_base) if space.trial_cpus is not None else None),
                 reuse_actors=False,  # a stopped trial's actor (and the Train run it owns) must go away
             ),
             run_config=ray_tune.RunConfig(name=TUNE_DIR, storage_path=folder_fs_path, storage_filesystem=fs,

@@ -3,7 +3,7 @@ ablations, score-vs-knob plots (Pillow) and the best trial's config as a ready-t
 
 A row (one per trial):
     trial_id, <each knob of the space>, status (finished | stopped early | error), steps (last training step
-    reported), <score> (e.g. fid), kid_mean, kid_std, <early-stop metric> (last training value), maps_per_s,
+    reported), <score> (e.g. fid), the space's extra scores (IKDDiT: kid_mean, kid_std, maps_per_s), <early-stop metric> (last training value), maps_per_s,
     run_dir, checkpoint_dir, error
 """
 
@@ -48,10 +48,8 @@ def collect_rows(analysis: Any, space: MethodSpace, knobs: list[str]) -> list[di
         row = {"trial_id": trial.trial_id, **{k: trial.config.get(k) for k in knobs}, "status": status,
                "steps": int(steps),
                space.score_name: float(metrics.get(space.score_name, math.nan)) if finished else math.nan,
-               "kid_mean": float(metrics.get("kid_mean", math.nan)) if finished else math.nan,
-               "kid_std": float(metrics.get("kid_std", math.nan)) if finished else math.nan,
+               **{k: float(metrics.get(k, math.nan)) if finished else math.nan for k in space.extra_scores},
                space.early_stop_metric: float(metrics.get(space.early_stop_metric, math.nan)),
-               "maps_per_s": float(metrics.get("maps_per_s", math.nan)) if finished else math.nan,
                "run_dir": metrics.get("run_dir", ""), "checkpoint_dir": metrics.get("checkpoint_dir", ""),
                "error": _short_error(error)}
         rows.append(row)
@@ -123,16 +121,22 @@ def grid_table(rows: list[dict], row_knob: str, col_knob: str, space: MethodSpac
 
 def full_table(rows: list[dict], knobs: list[str], space: MethodSpace, settings: ScoreSettings) -> str:
     score = space.score_label.format(n=settings.n)
-    head = ["trial"] + [space.label(k) for k in knobs] + [score, "KID", space.early_stop_metric, "steps", "status"]
+    # The table shows the score and the first extra score (IKDDiT: KID; its spread over subsets is in the CSV);
+    # every extra score is in the CSV/Parquet.
+    shown = list(space.extra_scores[:1])
+    head = ["trial"] + [space.label(k) for k in knobs] + [score] + [space.label(k) for k in shown] + \
+        [space.early_stop_metric, "steps", "status"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def num(value: float, spec: str) -> str:
+        return "—" if not math.isfinite(value) else format(value, spec)
+
     for r in rows:
-        # KID's spread over subsets is in the CSV; with N ≤ 1000 a single subset is the whole set (spread 0).
-        kid = "—" if not math.isfinite(r["kid_mean"]) else f"{r['kid_mean']:.4g}"
-        loss = "—" if not math.isfinite(r[space.early_stop_metric]) else f"{r[space.early_stop_metric]:.4g}"
-        fid = "—" if not math.isfinite(r[space.score_name]) else f"{r[space.score_name]:.2f}"
         status = r["status"] + (f": {r['error']}" if r["error"] else "")
         lines.append("| " + " | ".join([r["trial_id"]] + [format_knob(k, r[k]) for k in knobs]
-                                       + [fid, kid, loss, str(r["steps"]), status]) + " |")
+                                       + [num(r[space.score_name], ".4g" if space.score_mode == "max" else ".2f")]
+                                       + [num(r[k], ".4g") for k in shown]
+                                       + [num(r[space.early_stop_metric], ".4g"), str(r["steps"]), status]) + " |")
     return "\n".join(lines)
 
 

@@ -58,6 +58,10 @@ class MethodSpace:
     trained: Optional[Callable[[Any], Any]] = None          # None: the TrainOutcome itself (its final phase)
     reference: dict[str, dict[float, float]] = dataclasses.field(default_factory=dict)
     reference_label: str = ""             # where the reference numbers come from
+    time_attr: str = "step"               # ASHA's progress measure: "step", or "training_iteration" (reports)
+    extra_scores: tuple[str, ...] = ()    # more of score()'s numbers kept in the results (e.g. kid_mean, maps_per_s)
+    trial_cpus: Optional[Callable[[dict], float]] = None  # CPUs one trial's training takes, from the trial base
+                                                          # config (default: run.num_workers × cpus_per_worker)
 
     def prepare_base(self, cfg: Any, sweep_dir: str) -> Any:
         return self.prepare(cfg, sweep_dir) if self.prepare is not None else cfg
