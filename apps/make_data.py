@@ -6,6 +6,8 @@
     python -m apps.make_data import-mpom    SRC_DIR     --out PATH --scale-nm 30
     python -m apps.make_data import-wm811k  LSWMD.pkl   --out PATH [--size 32] [--limit N] [--trust-pickle]
     python -m apps.make_data import-cifar   cifar-10-python.tar.gz --out PATH
+    python -m apps.make_data import-defect-folder SRC_DIR --out PATH [--defect bridge] [--convert-colour]
+                             (SRC_DIR/defect/*.png, SRC_DIR/clean/*.png paired by name, optional SRC_DIR/mask/*.png)
 
 Schemas, generator physics and import formats: docs/data.md.
 """
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("import-cifar", help="import cifar-10-python.tar.gz or cifar-100-python.tar.gz")
     cf.add_argument("src")
     cf.add_argument("--out", required=True)
+
+    df = sub.add_parser("import-defect-folder",
+                        help="import your own SEM pairs: SRC/defect/*.png + SRC/clean/*.png (+ SRC/mask/*.png)")
+    df.add_argument("src")
+    df.add_argument("--out", required=True)
+    df.add_argument("--defect", default=None, help="defect type of every image (a SEM_DEFECTS name); default unknown")
+    df.add_argument("--convert-colour", action="store_true", help="convert colour PNGs to grey instead of refusing")
     return p
 
 
@@ -177,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.src, size=args.size, trusted=args.trust_pickle, limit=args.limit
                 )
                 kind = "wafer"
+            elif cmd == "import-defect-folder":
+                from data.defect_folder import import_defect_folder
+
+                tables = iter([import_defect_folder(args.src, defect=args.defect,
+                                                    convert_colour=args.convert_colour)])
+                kind = "sem"
             else:
                 tables = iter([importers.import_cifar(args.src)])
                 kind = "image"

@@ -165,7 +165,8 @@ class TableDataset(Dataset):
     """Map-style dataset over a Parquet dataset (URI, local or s3://) or an in-memory Arrow table.
 
     ``kind`` defaults to the one recorded in the dataset's metadata; ``label_column`` reads another column as
-    `label` (numpy_batch). Items are dicts of tensors as in the module table. The table is validated and decoded into numpy arrays once, at construction.
+    `label` (numpy_batch). Items are dicts of tensors as in the module table. The table is validated and decoded
+    into numpy arrays once, at construction.
     """
 
     def __init__(self, uri_or_table: str | os.PathLike | pa.Table, kind: str | None = None,

@@ -13,13 +13,13 @@ accepted when they are grey in fact (R = G = B, alpha fully opaque), otherwise r
 (ITU-R 601, Pillow's "L") with `convert_colour=True`. All images must have one size (a table holds fixed-size
 samples). pitch, line_width, roughness and noise are NaN (unknown for real images).
 
-Columns the sem schema cannot hold yet (see the report on issue 11):
+Columns:
     defect  the type index; `defect="bridge"` (a name from SEM_DEFECTS) sets it for every row, otherwise it is
-            -1 with defect_name "unknown", which validate_table does not accept until the schema allows -1
-    mask    with SRC/mask, the user's labels; validate_table demands mask == (image != clean) exactly, which holds
-            for the synthetic twins but not for real image pairs. Without SRC/mask the mask is (image != clean),
-            as the schema defines it, and the extra column has_mask is False, so evaluation can tell that it is no
-            label (extra columns are allowed and kept).
+            -1 with defect_name "unknown" (the schema allows -1)
+    mask    with SRC/mask, the user's labels, and the extra column has_mask is True (then the schema does not ask
+            for mask == (image != clean), which holds for synthetic twins, not for real image pairs). Without
+            SRC/mask the mask is (image != clean), as the schema defines it, and has_mask is False, so evaluation
+            can tell that it is no label.
 
 Any problem — a missing folder, no images, an unpaired name, a file that is not a PNG, a colour image, a size
 mismatch, a non-binary mask — raises DataImportError naming the file; nothing is written, since the table is only

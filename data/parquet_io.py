@@ -18,7 +18,8 @@ kind "wafer"    wafer_map list<uint8>[H, W] (0 off-wafer, 1 pass, 2 fail) | patt
                 unlabelled) | label_name string | lot_id, wafer_id, split string | die_size float32 | height,
                 width int32
 kind "sem"      image, clean list<float32>[H, W] in [0, 1] | mask list<uint8>[H, W], equal to
-                (image != clean) | defect int16 (index in SEM_DEFECTS) | defect_name, sample_id string |
+                (image != clean) unless an extra bool column has_mask is true (user-labelled masks of real
+                image pairs) | defect int16 (index in SEM_DEFECTS, -1 unknown) | defect_name, sample_id string |
                 pitch, line_width, roughness, noise float32 (px, px, px, grey) | height, width int32
 kind "image"    image list<uint8>[C, H, W] (CHW) | label int16 | coarse_label int16 (-1 if none) | label_name,
                 split, filename string | channels, height, width int32
@@ -217,8 +218,11 @@ def validate_table(table: pa.Table, kind: str) -> dict[str, tuple[int, ...]]:
         for c in ("image", "clean"):
             _check_range(table, c, 0.0, 1.0, kind)
         _check_range(table, "mask", 0, 1, kind)
-        _check_range(table, "defect", 0, NUM_SEM_DEFECTS - 1, kind)
-        if table.num_rows:
+        _check_range(table, "defect", -1, NUM_SEM_DEFECTS - 1, kind)  # -1: unknown type (imported images)
+        # Synthetic twins differ exactly where the defect is; real image pairs differ everywhere by noise, so a
+        # table whose `has_mask` column is true carries the user's own labelled masks instead (data/defect_folder).
+        labelled = "has_mask" in table.column_names and bool(np.asarray(table["has_mask"]).any())
+        if table.num_rows and not labelled:
             diff = from_fixed_list(table["image"], shapes["image"]) != from_fixed_list(
                 table["clean"], shapes["clean"]
             )

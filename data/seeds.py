@@ -6,7 +6,9 @@ OVERLAY_HELD_OUT = 90_001          # FID-N reference maps of IKDDiT (evaluate, s
 OVERLAY_FLOOR = 90_002             # same contexts as OVERLAY_HELD_OUT, independent wafer/measurement noise
 OVERLAY_CONDITIONS = 90_003        # equipment contexts apps.sample conditions on when none are given
 WAFER_HELD_OUT = 9_001             # held-out wafer maps of the classifier teacher, Fast-AD and distilled students
-SEM_HELD_OUT = 9_101               # held-out SEM images (feature-extractor accuracy, defect segmentation, DMD2)
+SEM_HELD_OUT = 91_001              # held-out SEM images (feature-extractor accuracy, defect segmentation, DMD2)
+SEM_VALIDATION = 91_002            # SEM validation split (segmentation thresholds are chosen here, never on test)
+WAFER_VALIDATION = 9_101          # wafer validation split (segmentation thresholds on the wafer domain)
 FINGERPRINT = 2_024                # the machines' signatures (the same fab in every overlay set)
 
 

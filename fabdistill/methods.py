@@ -36,6 +36,9 @@ METHODS: dict[str, str] = {
     "classifier": "trainers.classifier:METHOD",
     "ddpm": "trainers.ddpm:METHOD",
     "fast_ad": "trainers.fast_ad:METHOD",
+    "dmd2": "trainers.dmd2:METHOD",
+    "kdcddm": "trainers.kdcddm:METHOD",
+    "sdd_lskd": "trainers.sdd_lskd:METHOD",
 }
 
 CAPABILITIES = ("train", "sample", "evaluate", "sweep", "serve")

@@ -55,6 +55,11 @@ def test_round_trip_with_user_masks(tmp_path):
     assert table["defect"].to_pylist() == [-1] * 3 and table["defect_name"].to_pylist() == ["unknown"] * 3
     assert table["has_mask"].to_pylist() == [True] * 3
     assert all(np.isnan(v) for v in table["pitch"].to_pylist())
+    # user masks and unknown types are a valid sem dataset: written and read back unchanged
+    write_dataset(table, str(tmp_path / "out"), "sem")
+    back = read_dataset(str(tmp_path / "out"))
+    assert np.array_equal(from_fixed_list(back["mask"], (8, 6)), written["mask"])
+    assert back["defect"].to_pylist() == [-1] * 3
 
 
 def test_without_masks_with_a_defect_type_is_a_valid_sem_dataset(tmp_path):
@@ -185,3 +190,14 @@ def test_bad_inputs_fail_naming_the_file_and_write_nothing(tmp_path, spoil, mess
 def test_not_a_folder(tmp_path):
     with pytest.raises(DataImportError, match="not a folder"):
         import_defect_folder(tmp_path / "nowhere")
+
+
+def test_make_data_imports_a_folder_and_refuses_a_bad_one(tmp_path, capsys):
+    from apps.make_data import main
+
+    make_folder(tmp_path / "src", n=2)
+    assert main(["import-defect-folder", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
+    assert read_dataset(str(tmp_path / "out")).num_rows == 2
+    os.remove(tmp_path / "src" / "clean" / "img_1.png")
+    assert main(["import-defect-folder", str(tmp_path / "src"), "--out", str(tmp_path / "bad")]) == 2
+    assert "img_1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # the EDM core is moving from models/diffusion.py to models/edm.py (same names)
-    from models.edm import edm_loss_weight, edm_training_loss, karras_sigma_grid
-except ImportError:  # pragma: no cover - only before the move lands
-    from models.diffusion import edm_loss_weight, edm_training_loss, karras_sigma_grid  # type: ignore
+from models.edm import edm_loss_weight, edm_training_loss, generator_sigmas
 
 __all__ = [
     "REFERENCE_GEN_CLS_LOSS_WEIGHT",
@@ -276,16 +273,9 @@ def few_step_sigmas(num_steps: int, grid: Tensor | None = None) -> Tensor:
 
     Indices T−1, T−1 − T//k, … into the ascending grid (default: the 1000-level Karras grid σ ∈ [0.002, 80])
     as the reference's denoising_step_list: k = 4 → t = 999, 749, 499, 249; k = 1 → t = 999 (σ = 80, one
-    step).
+    step). The EDM core's generator_sigmas (inference samples with the same levels).
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    grid = karras_sigma_grid() if grid is None else grid
-    t_max = grid.shape[0]
-    if num_steps > t_max - 1:
-        raise ValueError(f"num_steps {num_steps} too large for a grid of {t_max} levels")
-    idx = list(range(t_max - 1, 0, -(t_max // num_steps)))[:num_steps]
-    return grid[torch.tensor(idx, device=grid.device)]
+    return generator_sigmas(num_steps, grid)
 
 
 @torch.no_grad()
