@@ -28,6 +28,12 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(_S3)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (sweep trials run in their own folders, where relative paths would not
+    resolve); s3:// URIs as they are."""
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts; ``/`` for S3 URIs, ``os.path.join`` for local paths."""
     uri = str(uri)

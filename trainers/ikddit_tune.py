@@ -8,7 +8,7 @@ the same sampling and FID code as `apps.evaluate` (trainers/ikddit_eval.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from fabdistill.methods import TrainOutcome
 from tune.spaces import MethodSpace, ScoreSettings
@@ -26,7 +26,7 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
     shared_run = dataclasses.replace(cfg.run, name=SHARED_RUN, storage_path=sweep_dir)
     cfg = dataclasses.replace(cfg, run=shared_run)
     uri, _ = ikddit.prepare_training_data(cfg)  # idempotent: generated once into <sweep>/shared/data
-    uri = _absolute(uri)  # trials run in Tune's trial folders: relative paths would not resolve there
+    uri = storage.absolute(uri)  # trials run in Tune's trial folders: relative paths would not resolve there
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_uri=uri))
     teacher = cfg.teacher_checkpoint
     if not teacher:
@@ -38,29 +38,14 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
             print(f"[sweep] training the shared teacher once ({cfg.teacher.steps} steps)", flush=True)
             teacher = ikddit.train(dataclasses.replace(cfg, phase="teacher")).phase("teacher").checkpoint_dir
     else:
-        teacher = resolve_checkpoint(_absolute(teacher))
+        teacher = resolve_checkpoint(storage.absolute(teacher))
     return dataclasses.replace(cfg, phase="student", teacher_checkpoint=teacher)
 
 
-def _absolute(uri: str) -> str:
-    from pathlib import Path
-
-    from fabdistill import storage
-
-    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
 
 
-def run_trial(cfg: Any, callbacks: Optional[list]) -> TrainOutcome:
-    from trainers import ikddit
-
-    return ikddit.train(cfg, callbacks=callbacks)
 
 
-def trained(outcome: TrainOutcome) -> TrainOutcome:
-    """The student run of a trial (a trial is a `phase: student` run)."""
-    if not isinstance(outcome, TrainOutcome) or "student" not in outcome.phases:
-        raise ValueError("an IKDDiT sweep trial trains the student (phase student), but no student run came back")
-    return outcome.phases["student"]
 
 
 def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
@@ -74,7 +59,7 @@ def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
     from trainers.ikddit_eval import fid_kid, held_out_set, sample_held_out
 
     check_not_held_out(cfg.data.seed, "data.seed", OVERLAY_HELD_OUT)
-    checkpoint = trained(outcome).checkpoint_dir
+    checkpoint = outcome.checkpoint_dir  # the final phase's
     if checkpoint is None:
         raise ValueError("the trial produced no student checkpoint to score")
     pipe = IKDDiTPipeline.from_checkpoint(checkpoint)
@@ -98,7 +83,7 @@ SPACE = MethodSpace(
     # L_DSM is the term every trial shares.
     early_stop_metric="loss_dsm",
     steps_path="student.steps",
-    prepare=prepare, run_trial=run_trial, score=score, trained=trained,
+    prepare=prepare, score=score,
     # The paper's ablation (FID-15k on MPOM): best at 50 %, collapsing at 70 %.
     reference={"mask_ratio": {0.0: 27.46, 0.25: 26.06, 0.5: 24.66, 0.7: 123.85}},
     reference_label="paper FID-15k",

@@ -415,12 +415,6 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
 ####################################################################################################################
 
 
-def _absolute(uri: str) -> str:
-    from pathlib import Path
-
-    from fabdistill import storage
-
-    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
 
 
 def sweep_prepare(cfg: Config, sweep_dir: str) -> Config:
@@ -431,7 +425,7 @@ def sweep_prepare(cfg: Config, sweep_dir: str) -> Config:
     data = prepare_data(shared)
     teacher = cfg.teacher_checkpoint
     if teacher:
-        teacher = resolve_checkpoint(_absolute(teacher))
+        teacher = resolve_checkpoint(storage.absolute(teacher))
     else:
         done = storage.join(sweep_dir, "shared-teacher", "model")
         if storage.exists(storage.join(done, "state.pt")):
@@ -442,20 +436,16 @@ def sweep_prepare(cfg: Config, sweep_dir: str) -> Config:
                   flush=True)
             teacher = clf.train(teacher_config(shared, data)).checkpoint_dir
     # trials run in Tune's trial folders: they read the shared data by absolute path
-    d = dataclasses.replace(cfg.data, uri=_absolute(data.train_uri), label_column=data.label_column,
-                            eval_uri=_absolute(data.eval_uri) if data.eval_uri else None)
-    return dataclasses.replace(cfg, data=d, phase="student", teacher_checkpoint=_absolute(teacher))
+    d = dataclasses.replace(cfg.data, uri=storage.absolute(data.train_uri), label_column=data.label_column,
+                            eval_uri=storage.absolute(data.eval_uri) if data.eval_uri else None)
+    return dataclasses.replace(cfg, data=d, phase="student", teacher_checkpoint=storage.absolute(teacher))
 
 
-def sweep_trained(outcome: TrainOutcome) -> TrainOutcome:
-    if "student" not in outcome.phases:
-        raise ValueError("an SDD-LSKD sweep trial trains a student (phase student), but no student run came back")
-    return outcome.phases["student"]
 
 
 def sweep_score(outcome: TrainOutcome, cfg: Config, settings: Any) -> dict:
     """Held-out top-1 of the trial's student on the config's held-out rows (the trainer's `heldout_top1`)."""
-    checkpoint = sweep_trained(outcome).checkpoint_dir
+    checkpoint = outcome.checkpoint_dir  # the final (student) phase's
     if checkpoint is None:
         raise ValueError("the trial produced no student checkpoint to score")
     data = prepare_data(cfg)
@@ -483,7 +473,7 @@ def _space() -> Any:
         # the total loss mixes distillers' scales; the cross-entropy is the term every trial shares
         early_stop_metric="loss_ce",
         steps_path="student.epochs", time_attr="training_iteration",  # one report per epoch
-        prepare=sweep_prepare, trained=sweep_trained, score=sweep_score,
+        prepare=sweep_prepare, score=sweep_score,
         extra_scores=("images_per_s",),
     )
 

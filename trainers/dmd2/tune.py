@@ -9,8 +9,7 @@ own sampling and FID code (trainers/dmd2/evaluate.py), on the held-out seed, nev
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from fabdistill.methods import TrainOutcome
 from tune.spaces import MethodSpace, ScoreSettings
@@ -18,10 +17,6 @@ from tune.spaces import MethodSpace, ScoreSettings
 SHARED_RUN = "shared"  # <sweep>/shared/data (training set) and <sweep>/shared-teacher (the teacher)
 
 
-def _absolute(uri: str) -> str:
-    from fabdistill import storage
-
-    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
 
 
 def prepare(cfg: Any, sweep_dir: str) -> Any:
@@ -34,10 +29,10 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=SHARED_RUN, storage_path=sweep_dir))
     uri, _ = prepare_training_data(cfg)  # idempotent: generated once into <sweep>/shared/data
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_uri=_absolute(uri)))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_uri=storage.absolute(uri)))
     teacher = cfg.teacher_checkpoint
     if teacher:
-        teacher = resolve_checkpoint(_absolute(teacher))
+        teacher = resolve_checkpoint(storage.absolute(teacher))
     else:
         done = storage.join(sweep_dir, f"{SHARED_RUN}-teacher", "model")
         if storage.exists(storage.join(done, "state.pt")):
@@ -49,16 +44,8 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
     return dataclasses.replace(cfg, phase="distill", teacher_checkpoint=teacher)
 
 
-def run_trial(cfg: Any, callbacks: Optional[list]) -> TrainOutcome:
-    from trainers import dmd2
-
-    return dmd2.train(cfg, callbacks=callbacks)
 
 
-def trained(outcome: TrainOutcome) -> TrainOutcome:
-    if not isinstance(outcome, TrainOutcome) or "distill" not in outcome.phases:
-        raise ValueError("a DMD2 sweep trial distils (phase distill), but no distillation run came back")
-    return outcome.phases["distill"]
 
 
 def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
@@ -67,7 +54,7 @@ def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
     from trainers.dmd2.evaluate import load_judge, real_set
     from trainers.dmd2.evaluate import score as score_samples
 
-    checkpoint = trained(outcome).checkpoint_dir
+    checkpoint = outcome.checkpoint_dir  # the final phase's
     if checkpoint is None:
         raise ValueError("the trial produced no generator checkpoint to score")
     pipe = DMD2Pipeline.from_checkpoint(checkpoint)
@@ -90,7 +77,7 @@ SPACE = MethodSpace(
     # The fake-score loss is every trial's shared term (the DM surrogate's scale depends on the ratio).
     early_stop_metric="loss_fake",
     steps_path="distill.steps",
-    prepare=prepare, run_trial=run_trial, score=score, trained=trained,
+    prepare=prepare, score=score,
     # The reference's ImageNet-64 results (FID-50k): with the GAN term 1.51, without 2.61.
     reference={"gan": {0.0: 2.61, 1.0: 1.51}}, reference_label="DMD2 paper, ImageNet-64 FID-50k",
     extra_scores=("kid_mean", "kid_std", "class_fidelity", "images_per_s"),

@@ -5,16 +5,12 @@ weak trials on the learner's KD loss (reported to Tune every progress interval, 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
+from fabdistill import storage
 from tune.spaces import MethodSpace, ScoreSettings
 
 
-def _absolute(path: str) -> str:
-    from fabdistill import storage
-
-    return path if storage.is_s3(path) else str(Path(path).resolve())
 
 
 def prepare(cfg: Any, sweep_dir: str) -> Any:
@@ -25,9 +21,9 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
 
     check_checkpoints(cfg)
     models = dataclasses.replace(cfg.models,
-                                 teacher_checkpoint=resolve_checkpoint(_absolute(cfg.models.teacher_checkpoint)),
-                                 diffusion_checkpoint=resolve_checkpoint(_absolute(cfg.models.diffusion_checkpoint)))
-    ev = cfg.eval if cfg.eval.uri is None else dataclasses.replace(cfg.eval, uri=_absolute(cfg.eval.uri))
+                                 teacher_checkpoint=resolve_checkpoint(storage.absolute(cfg.models.teacher_checkpoint)),
+                                 diffusion_checkpoint=resolve_checkpoint(storage.absolute(cfg.models.diffusion_checkpoint)))
+    ev = cfg.eval if cfg.eval.uri is None else dataclasses.replace(cfg.eval, uri=storage.absolute(cfg.eval.uri))
     return dataclasses.replace(cfg, models=models, eval=ev)
 
 
