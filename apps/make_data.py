@@ -3,9 +3,11 @@
     python -m apps.make_data overlay --n 10000 --out data_out/overlay [--seed 0] [--size 32] [--log-dim 128]
     python -m apps.make_data wafer   --n 10000 --out s3://bucket/wafer [--class-weights none=8,Center=1]
     python -m apps.make_data sem     --n 2000  --out data_out/sem --size 64
+    python -m apps.make_data mixed-wafer --n 6000 --out data_out/mixed [--size 52] [--class-weights Normal=4,C+EL=1]
     python -m apps.make_data import-mpom    SRC_DIR     --out PATH --scale-nm 30
     python -m apps.make_data import-wm811k  LSWMD.pkl   --out PATH [--size 32] [--limit N] [--trust-pickle]
     python -m apps.make_data import-cifar   cifar-10-python.tar.gz --out PATH
+    python -m apps.make_data import-mixedwm38 Wafer_Map_Datasets.npz --out PATH [--size 52] [--limit N] [--eval-fraction 0.2]
     python -m apps.make_data import-defect-folder SRC_DIR --out PATH [--defect bridge] [--convert-colour]
                              (SRC_DIR/defect/*.png, SRC_DIR/clean/*.png paired by name, optional SRC_DIR/mask/*.png)
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-weights", default=None, help="class mix, e.g. 'none=8,Center=1' (default uniform)"
     )
 
+    mw = sub.add_parser("mixed-wafer", help="synthetic mixed-type wafer maps in MixedWM38's 38 classes (52x52)")
+    common(mw, 52)
+    mw.add_argument("--class-weights", default=None, help="38-class mix by name, e.g. 'Normal=4,C+EL=1' (default uniform)")
+
     sm = sub.add_parser("sem", help="synthetic SEM line/space images with defect, clean twin and mask")
     common(sm, 64)
     sm.add_argument("--defect-weights", default=None, help="defect mix, e.g. 'bridge=2,particle=1'")
@@ -112,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="load with plain pandas.read_pickle (runs pickle code: only for files you trust)",
     )
 
+    mx = sub.add_parser("import-mixedwm38", help="import MixedWM38's Wafer_Map_Datasets.npz (38 mixed-type classes)")
+    mx.add_argument("src")
+    mx.add_argument("--out", required=True)
+    mx.add_argument("--size", type=int, default=52, help="map side after nearest-neighbour resize (default 52)")
+    mx.add_argument("--limit", type=int, default=None, help="import only the first N maps")
+    mx.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="hold out this share of maps (a seeded random split: the .npz is ordered by class) as "
+                         "OUT/eval, the rest as OUT/train; 0 writes everything to OUT")
+
     cf = sub.add_parser("import-cifar", help="import cifar-10-python.tar.gz or cifar-100-python.tar.gz")
     cf.add_argument("src")
     cf.add_argument("--out", required=True)
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = args.command
-    if cmd in ("overlay", "wafer", "sem"):
+    if cmd in ("overlay", "wafer", "mixed-wafer", "sem"):
         if args.n < 1 or args.chunk < 1:
             parser.error("--n and --chunk must be >= 1")
         if cmd == "overlay":
@@ -159,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
 
             def make(count: int, start: int) -> pa.Table:
                 return generate_wafer(count, args.seed, size=args.size, class_weights=weights, start=start)
+        elif cmd == "mixed-wafer":
+            from data.mixed_wafer import generate_mixed_wafer, mixed_class_probabilities
+
+            try:
+                weights = _weights(args.class_weights, "class-weights")
+                mixed_class_probabilities(weights)  # unknown class names fail here, before anything is written
+            except (argparse.ArgumentTypeError, ValueError, KeyError) as e:
+                parser.error(str(e))
+
+            def make(count: int, start: int) -> pa.Table:
+                return generate_mixed_wafer(count, args.seed, size=args.size, class_weights=weights, start=start)
         else:
             from data.sem import generate_sem
 
@@ -170,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             def make(count: int, start: int) -> pa.Table:
                 return generate_sem(count, args.seed, size=args.size, defect_weights=weights, start=start)
 
-        rows = write_dataset(_chunks(make, args.n, args.chunk, cmd), args.out, cmd)
-        kind = cmd
+        kind = "wafer" if cmd == "mixed-wafer" else cmd  # mixed maps are wafer tables with extra columns
+        rows = write_dataset(_chunks(make, args.n, args.chunk, cmd), args.out, kind)
     else:
         from data import importers
 
@@ -192,6 +218,23 @@ def main(argv: list[str] | None = None) -> int:
                 tables = iter([import_defect_folder(args.src, defect=args.defect,
                                                     convert_colour=args.convert_colour)])
                 kind = "sem"
+            elif cmd == "import-mixedwm38":
+                from data.mixed_wafer import import_mixedwm38
+
+                if not 0.0 <= args.eval_fraction < 1.0:
+                    parser.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+                table = import_mixedwm38(args.src, size=args.size, limit=args.limit)
+                kind = "wafer"
+                if args.eval_fraction > 0:
+                    import numpy as np
+
+                    order = np.random.default_rng(0).permutation(table.num_rows)
+                    n_eval = max(1, round(args.eval_fraction * table.num_rows))
+                    for part, rows_ in (("eval", order[:n_eval]), ("train", order[n_eval:])):
+                        written = write_dataset(table.take(np.sort(rows_)), f"{args.out.rstrip('/')}/{part}", kind)
+                        print(f"wrote {written} {kind} samples to {args.out.rstrip('/')}/{part}")
+                    return 0
+                tables = iter([table])
             else:
                 tables = iter([importers.import_cifar(args.src)])
                 kind = "image"

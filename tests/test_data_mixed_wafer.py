@@ -8,8 +8,16 @@ import pytest
 
 from data.datasets import TableDataset
 from data.importers import DataImportError
-from data.mixed_wafer import (MIXED_CLASSES, MIXED_CODES, MIXED_MULTI_HOT, MIXED_PATTERNS, class_patterns,
-                              classes_from_multi_hot, generate_mixed_wafer, import_mixedwm38)
+from data.mixed_wafer import (
+    MIXED_CLASSES,
+    MIXED_CODES,
+    MIXED_MULTI_HOT,
+    MIXED_PATTERNS,
+    class_patterns,
+    classes_from_multi_hot,
+    generate_mixed_wafer,
+    import_mixedwm38,
+)
 from data.parquet_io import from_fixed_list, read_dataset, validate_table, write_dataset
 from data.wafer import FAIL, WAFER_CLASSES, wafer_geometry
 
@@ -173,3 +181,26 @@ def test_importer_corrupt_inputs(tmp_path):
         import_mixedwm38(junk)
     with pytest.raises(DataImportError, match="no such file"):
         import_mixedwm38(tmp_path / "missing.npz")
+
+
+def test_make_data_verbs_generate_and_import(tmp_path, capsys):
+    """`apps.make_data mixed-wafer` and `import-mixedwm38` write readable wafer datasets; a bad file writes nothing."""
+    from apps.make_data import main
+
+    assert main(["mixed-wafer", "--n", "5", "--size", str(S), "--seed", "3", "--out", str(tmp_path / "gen")]) == 0
+    got = read_dataset(str(tmp_path / "gen"))
+    assert got.num_rows == 5 and got["mixed_label"].to_pylist() == generate_mixed_wafer(5, 3, size=S)["mixed_label"].to_pylist()
+    with pytest.raises(SystemExit):
+        main(["mixed-wafer", "--n", "2", "--class-weights", "Center+Donut=1", "--out", str(tmp_path / "never")])
+    assert "unknown mixed wafer classes" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+    src = tmp_path / "MixedWM38.npz"
+    _, classes = fixture_npz(src)
+    assert main(["import-mixedwm38", str(src), "--out", str(tmp_path / "imp"), "--limit", "4"]) == 0
+    assert read_dataset(str(tmp_path / "imp"))["mixed_label"].to_pylist() == classes[:4].tolist()
+    assert main(["import-mixedwm38", str(src), "--out", str(tmp_path / "split"), "--eval-fraction", "0.5"]) == 0
+    parts = [read_dataset(str(tmp_path / "split" / p))["wafer_id"].to_pylist() for p in ("train", "eval")]
+    assert len(parts[0]) == len(parts[1]) == 3 and not set(parts[0]) & set(parts[1])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert main(["import-mixedwm38", str(tmp_path / "junk.npz"), "--out", str(tmp_path / "bad")]) == 2
+    assert "not a readable .npz" in capsys.readouterr().err and not (tmp_path / "bad").exists()
