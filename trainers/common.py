@@ -2,7 +2,8 @@
 
 One meaning each, so that two methods never disagree on what "EMA" or "warm-up" means:
 
-    ema_update(ema, model, decay)        parameters AND buffers (BatchNorm statistics follow the raw model)
+    ema_update(ema, model, decay, step)  parameters AND buffers (BatchNorm statistics follow the raw model),
+                                         with the usual warm-up: decay_t = min(decay, (1 + t) / (10 + t))
     lr_at(step, total, base_lr, ...)     linear warm-up, then cosine / multistep / constant
     derive_seed(seed, *tags)             one formula for every derived stream (rank, phase, batch id ...)
     infinite_batches(data, n, gen)       shuffled mini-batches over in-memory tensors, epoch after epoch
@@ -13,7 +14,7 @@ One meaning each, so that two methods never disagree on what "EMA" or "warm-up" 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,10 +24,20 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 # --------------------------------------------------------------------------- EMA
 
+def ema_decay_at(decay: float, step: Optional[int]) -> float:
+    """The EMA decay used after optimiser step `step` (1-based): min(decay, (1 + step) / (10 + step)).
+
+    Without the warm-up a short run keeps the random initialisation in its EMA: decay 0.999 over 700 steps leaves
+    0.999^700 ≈ 50 % of the init weights in the "trained" model (diffusers' EMAModel and timm's ModelEmaV3 warm
+    up the same way). `step=None` uses `decay` as it is."""
+    return decay if step is None else min(decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model for floating parameters and buffers; integer buffers (BatchNorm's
-    num_batches_tracked) are copied. `model` may be wrapped in DDP."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: Optional[int] = None) -> None:
+    """ema ← d·ema + (1 − d)·model for floating parameters and buffers, d = ema_decay_at(decay, step); integer
+    buffers (BatchNorm's num_batches_tracked) are copied. `model` may be wrapped in DDP."""
+    decay = ema_decay_at(decay, step)
     model = getattr(model, "module", model)
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)

@@ -54,9 +54,10 @@ assert len(PRIOR_CLASS_WEIGHTS) == NUM_WAFER_CLASSES
 
 
 def ddpm_step(model: nn.Module, ema: Optional[nn.Module], opt: torch.optim.Optimizer, diffusion: GaussianDiffusion,
-              x0: Tensor, ema_decay: float, grad_clip: float, gen: Optional[torch.Generator] = None) -> float:
+              x0: Tensor, ema_decay: float, grad_clip: float, gen: Optional[torch.Generator] = None,
+              step: Optional[int] = None) -> float:
     """One optimisation step of L_simple on a batch x0 (B, C, H, W) in [−1, 1] at the optimiser's current lr;
-    t and ε are drawn with `gen`. Returns the loss."""
+    t and ε are drawn with `gen`; `step` (1-based) drives the EMA's warm-up. Returns the loss."""
     model.train()
     loss = diffusion.training_loss(model, x0, generator=gen).mean()  # per-sample (B,) → scalar
     opt.zero_grad(set_to_none=True)
@@ -65,7 +66,7 @@ def ddpm_step(model: nn.Module, ema: Optional[nn.Module], opt: torch.optim.Optim
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     if ema is not None:
-        ema_update(ema, model, ema_decay)
+        ema_update(ema, model, ema_decay, step)
     return float(loss.detach())
 
 
@@ -194,7 +195,7 @@ def loop(config: dict) -> None:
         set_lr(opt, lr_at(step, config["steps"], config["lr"], warmup_steps=config["warmup_steps"],
                           schedule=config["lr_schedule"]))
         means.add({"loss": ddpm_step(model, ema, opt, diffusion, x.to(sess.device), config["ema_decay"],
-                                     config["grad_clip"], noise_gen)})
+                                     config["grad_clip"], noise_gen, step)})
         if cadence.report(step):
             (loss,) = sess.all_reduce_mean([means.pop()["loss"]])
             sess.report({"loss": loss, "lr": opt.param_groups[0]["lr"]}, step=step,

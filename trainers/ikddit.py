@@ -224,7 +224,7 @@ def teacher_loop(config: dict) -> None:
         if tc["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         opt.step()
-        ema_update(ema, objective, tc["ema_decay"])
+        ema_update(ema, objective, tc["ema_decay"], step)
         running.add({"loss": loss, **terms})
         if cadence.report(step):
             checkpoint = cadence.checkpoint(step)
@@ -302,7 +302,7 @@ def student_loop(config: dict) -> None:
         if sc["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(student_ddp.parameters(), sc["grad_clip"])
         opt.step()
-        ema_update(ema, student, sc["ema_decay"])
+        ema_update(ema, student, sc["ema_decay"], step)
         running.add({"loss": loss, "loss_dsm": loss_dsm, "loss_mae": loss_mae, "loss_adv": loss_adv,
                      "loss_disc": loss_disc})
         if cadence.report(step):

@@ -178,7 +178,7 @@ def distill_loop(config: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(gen_net.parameters(), dc["grad_clip"])
             opt_g.step()
             if ema is not None:
-                ema_update(ema, gen_net, dc["ema_decay"])
+                ema_update(ema, gen_net, dc["ema_decay"], step // ratio)  # warm-up counts generator updates
             running.add({"loss_dm": loss_dm, "dm_grad_abs": dm.grad.abs().mean(),
                          **({"loss_gen_gan": loss_gan} if loss_gan is not None else {})})
             x_gen = x_gen.detach()

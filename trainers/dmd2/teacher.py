@@ -131,7 +131,7 @@ def teacher_loop(config: dict) -> None:
         if tc["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         opt.step()
-        ema_update(ema, raw, tc["ema_decay"])
+        ema_update(ema, raw, tc["ema_decay"], step)
         running.add({"loss": loss})
         if cadence.report(step):
             checkpoint = cadence.checkpoint(step)

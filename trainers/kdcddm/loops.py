@@ -99,6 +99,7 @@ class Phase:
     `objective`, `models_meta()` and `export()`; the student overrides `step` (two optimizers)."""
 
     betas = (0.9, 0.999)
+    current_step: Optional[int] = None  # set by phase_loop before each step (the EMA warm-up reads it)
 
     def __init__(self, config: dict, device: torch.device):
         self.config, self.sc, self.device = config, config["section"], device
@@ -120,7 +121,7 @@ class Phase:
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
-        ema_update(self.ema, self.objective, self.sc.get("ema_decay", 0.0))
+        ema_update(self.ema, self.objective, self.sc.get("ema_decay", 0.0), self.current_step)
         return terms
 
     def finish(self, sess: TrainSession, data: dict[str, torch.Tensor]) -> None:
@@ -277,7 +278,7 @@ class StudentPhase(Phase):
         self.opt.zero_grad(set_to_none=True)
         g_terms["loss"].mean().backward()
         self.opt.step()
-        ema_update(self.ema, self.g, self.sc.get("ema_decay", 0.0))
+        ema_update(self.ema, self.g, self.sc.get("ema_decay", 0.0), self.current_step)
         return {"loss": g_terms["loss"].mean(), "loss_adv": g_terms["adv"].mean(), "loss_l1": g_terms["l1"].mean(),
                 "loss_d": d_terms["loss"].mean()}
 
@@ -330,6 +331,7 @@ def phase_loop(config: dict) -> None:
     cadence = Cadence(sc["log_every"], sc["checkpoint_every"], sc["steps"])
     running = RunningMeans()
     for step in range(start + 1, sc["steps"] + 1):
+        phase.current_step = step  # the EMA's warm-up reads it
         running.add(phase.step(next(batches), gen))
         if cadence.report(step):
             checkpoint = cadence.checkpoint(step)
