@@ -1,7 +1,7 @@
 """Ray Serve load test: the IKDDiT student with dynamic batching vs without, side by side.
 
     python -m benchmarks.serve_load                       # tiny student, 32 clients, 20 s per mode
-    python -m benchmarks.serve_load --checkpoint runs/ikddit-tiny-student --duration 60 --clients 64
+    python -m benchmarks.serve_load --checkpoint runs/demo-student --duration 60 --clients 64
 
 Starts a local Ray and Serve (HTTP on 127.0.0.1 only), deploys the IKDDiT student (serve/students/ikddit.py)
 twice — batched (`max_batch_size`, `batch_wait_timeout_s`) and unbatched (`max_batch_size=1`) — on one replica

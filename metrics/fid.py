@@ -32,6 +32,7 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from fabdistill.checkpoints import WeightsFileError, load_weights
 from models.feature_extractor import ENCODINGS, DomainFeatureNet, load_feature_net
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -199,9 +200,9 @@ def _check_inception_weights(path: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Inception weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable weights-only state dict ({type(exc).__name__}: {exc})") from None
+        state = load_weights(path, map_location="cpu", what="Inception weights")
+    except WeightsFileError as exc:
+        raise ValueError(f"{path}: not a readable weights-only state dict: {exc.reason}") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if not torch.is_tensor(fc) or tuple(fc.shape) != (1008, 2048) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise ValueError(f"{path}: not a torch-fidelity InceptionV3 state dict (expected keys such as "

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.encoding import Encoding, encoding_for
+from fabdistill.checkpoints import load_weights
 
 WEIGHTS_FORMAT = "fabdistill-domain-feature-net/1"
 
@@ -202,12 +203,7 @@ def load_feature_net(path: str | Path, domain: str | None = None) -> tuple[Domai
     the expected domain.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature-extractor weights file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable feature-extractor weights ({type(exc).__name__}: {exc})") from None
+    payload = load_weights(path, map_location="cpu", what="feature-extractor weights")
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not a DomainFeatureNet weights file (expected format '{WEIGHTS_FORMAT}')")
     if domain is not None and payload["domain"] != domain:

@@ -1,7 +1,8 @@
 """The Serve import path of the application: ``serve.app:build_app`` (serve/config.yaml names it).
 
-    serve run serve/config.yaml                                          # the checked-in settings
-    serve run serve.app:build_app checkpoint=runs/ikddit-tiny-student    # one IKDDiT student, defaults
+    python -m serve run serve/config.yaml                           # the checked-in settings (serve/commands.py)
+    serve run serve/config.yaml                                     # the same with Ray's CLI (waits on failure)
+    serve run serve.app:build_app checkpoint=runs/demo-student      # one IKDDiT student, defaults
 
 Routes
     POST /{kind}/{action}   e.g. POST /ikddit/generate; one route per action of each served student kind

@@ -2,7 +2,7 @@
 
     StudentModel   one kind of student behind HTTP (subclass it: ``kind``, ``actions``, load / validate / batch)
     StudentServer  the replica around a StudentModel: batching, draining, grouping, limits, statistics
-    Ingress        the FastAPI deployment: body limits, JSON parsing, routing, timeouts, the error format
+    Ingress        the FastAPI deployment: body limits, JSON parsing, routing, timeouts, failover, the error format
     Reply          what a replica hands back to the ingress (status, body, media type)
     build_app      the Serve application builder behind ``serve.app:build_app``
 
@@ -14,6 +14,16 @@ the replicas by value (cloudpickle), so the replicas need not be able to import 
 
 Every kind runs in the same deployment class, :data:`StudentDeployment`, deployed under the StudentModel class's
 name (``IKDDiTStudent``, ``ClassifierStudent``): serve/config.yaml addresses deployments by these names.
+
+Failover. A student replica that dies (process killed, node lost) fails every request it held with an actor
+error; the ingress retries each of them once on a live replica (every request is seeded, so the retry gives the
+same answer) and answers 503 with ``Retry-After`` when no replica answers within ``replica_wait_s``: a replica
+failure is never a 500. A student's own exception (a bug, a bad checkpoint value) is a 500; bad input is a 4xx,
+answered by the replica and never retried.
+
+Checkpoints. build_app checks every student's checkpoint cheaply (:meth:`StudentModel.check_checkpoint`) before
+it binds anything, so a wrong path fails the application at once with one error naming it, instead of replicas
+that fail to start and are restarted; each replica still loads the weights itself.
 
 Batching. Each student replica gathers concurrent requests with ``serve.batch``; what gathers while the model is
 busy joins its next call (up to ``max_batch_size`` requests), and inside a call, requests with the same
@@ -30,6 +40,8 @@ import functools
 import importlib
 import inspect
 import json
+import logging
+import os
 import pkgutil
 import re
 import sys
@@ -41,13 +53,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import cloudpickle, serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from fabdistill import storage
+from fabdistill.checkpoints import check_checkpoint
 from serve.schemas import AppArgs, RequestError, StudentArgs, parse_json_object
 
 STUDENTS_PACKAGE = "serve.students"
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")  # one URL path segment
+logger = logging.getLogger("ray.serve")
 
 
 @dataclasses.dataclass
@@ -88,6 +104,16 @@ class StudentModel(abc.ABC):
         self.args = args
         self.device = pick_device(args.device)
         self.load(args.checkpoint)
+
+    @classmethod
+    def check_checkpoint(cls, checkpoint: str) -> None:
+        """A cheap check that `checkpoint` can be served, run by build_app before any replica starts; raise with a
+        message naming it. The default accepts a fabdistill checkpoint folder or run folder, local or s3://
+        (:func:`fabdistill.checkpoints.check_checkpoint`: it resolves, state.pt looks like a torch file, meta.json
+        parses), and leaves a URI of any other scheme (a plug-in's own store) to `load`. Weights are not read."""
+        if "://" in checkpoint and not storage.is_s3(checkpoint):
+            return
+        check_checkpoint(checkpoint)
 
     @abc.abstractmethod
     def load(self, checkpoint: str) -> None:
@@ -135,6 +161,10 @@ def pick_device(device: str) -> torch.device:
 
 class UnknownStudent(ValueError):
     """A student name that is neither a built-in kind nor an import path."""
+
+
+class CheckpointUnavailable(ValueError):
+    """A student whose checkpoint cannot be served (missing, unreadable): build_app refuses the application."""
 
 
 def check_student(cls: Any, name: str) -> type[StudentModel]:
@@ -354,6 +384,34 @@ def _error_response(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+# A replica (its worker process or node) went away: the request did not fail in the model and can run elsewhere.
+# RayActorError covers ActorDiedError (killed, crashed, OOM) and ActorUnavailableError (unreachable for now).
+REPLICA_FAILURES = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
+RETRY_AFTER_S = 5  # Retry-After when no replica is ready: about what a replacement replica needs to start
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    """True if `exc` says the replica died or is unreachable, not that the request failed inside it."""
+    if isinstance(exc, REPLICA_FAILURES):
+        return True
+    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), REPLICA_FAILURES)
+
+
+def _unavailable(message: str, reason: str, retry_after_s: float) -> JSONResponse:
+    """503 with Retry-After (whole seconds, at least 1) and a JSON body naming the reason."""
+    seconds = max(1, int(retry_after_s + 0.999))
+    return JSONResponse({"error": message, "reason": reason, "retry_after_s": seconds}, status_code=503,
+                        headers={"Retry-After": str(seconds)})
+
+
+class _Answered(Exception):
+    """Raised by Ingress._remote when the ingress answers instead of the student (503, 504, 500)."""
+
+    def __init__(self, response: JSONResponse):
+        super().__init__(response.status_code)
+        self.response = response
+
+
 api = FastAPI(title="fabdistill students",
               description="Distilled students of fabdistill over HTTP: POST /{kind}/{action}; GET /models lists "
                           "the routes and what each student loaded; GET /healthz.")
@@ -362,17 +420,82 @@ api = FastAPI(title="fabdistill students",
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class Ingress:
-    """HTTP concerns only: body size, JSON parsing, routing to the student deployments, timeouts, encoding.
-    The route table comes in as arguments (from build_app), so the ingress depends on no registry."""
+    """HTTP concerns only: body size, JSON parsing, routing to the student deployments, timeouts, failover (one
+    retry when a replica dies under a request, else 503 + Retry-After), encoding. The route table comes in as
+    arguments (from build_app), so the ingress depends on no registry."""
 
     def __init__(self, students: dict[str, DeploymentHandle], actions: dict[str, list[str]],
-                 request_timeout_s: float = 60.0, max_body_bytes: int = 1 << 20):
+                 request_timeout_s: float = 60.0, max_body_bytes: int = 1 << 20, replica_wait_s: float = 30.0):
         if set(students) != set(actions):
             raise ValueError(f"route table {sorted(actions)} does not match the students {sorted(students)}")
         self.students, self.actions = students, actions
         self.routes = [f"POST /{kind}/{action}" for kind, names in actions.items() for action in names]
         self.request_timeout_s = request_timeout_s
         self.max_body_bytes = max_body_bytes
+        self.replica_wait_s = replica_wait_s
+        self._probes: dict[str, asyncio.Future] = {}  # kind -> the running "is a replica live?" probe
+
+    async def _remote(self, kind: str, method: str, *args: Any) -> Any:
+        """`await students[kind].<method>.remote(*args)` within request_timeout_s, retried once on a live replica
+        when the replica dies under it. Raises _Answered with the ingress's own answer: 503 + Retry-After when no
+        replica is ready or the student is overloaded, 504 on timeout, 500 when the student itself raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(getattr(self.students[kind], method).remote(*args),
+                                              timeout=max(deadline - loop.time(), 1e-3))
+            except asyncio.TimeoutError:
+                raise _Answered(JSONResponse({"error": f"request timed out after {self.request_timeout_s} s"},
+                                             status_code=504)) from None
+            except BackPressureError as exc:  # the queue is full: retrying now would only add load
+                raise _Answered(_unavailable(f"student {kind!r} is overloaded (its queue is full); retry later",
+                                             "overloaded", getattr(exc, "retry_after_s", None) or 1)) from None
+            except DeploymentUnavailableError:
+                raise _Answered(_unavailable(f"student {kind!r} is unavailable: its deployment failed to start",
+                                             "deployment_unavailable", RETRY_AFTER_S)) from None
+            except Exception as exc:  # noqa: BLE001  sorted below: a replica failure, or the student raised
+                if not is_replica_failure(exc):  # the student raised: say which, keep the traceback in the logs
+                    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    raise _Answered(JSONResponse({"error": f"student {kind!r} failed: {cause[:300]}"},
+                                                 status_code=500)) from None
+                failure = type(exc).__name__
+            if attempt == 2:
+                raise _Answered(_unavailable(f"student {kind!r}: the replica failed again on retry ({failure}); "
+                                             "retry later", "replica_failed", RETRY_AFTER_S))
+            wait = min(self.replica_wait_s, deadline - loop.time())
+            if not await self._replica_ready(kind, wait):
+                raise _Answered(_unavailable(
+                    f"student {kind!r} has no ready replica: the one serving this request went away ({failure}) and "
+                    f"none answered within {wait:.0f} s; retry later", "no_ready_replica", RETRY_AFTER_S))
+            logger.warning("student %r: replica went away (%s) mid-request; retrying on a live replica", kind,
+                           failure)
+        raise AssertionError("unreachable")
+
+    async def _replica_ready(self, kind: str, timeout: float) -> bool:
+        """Whether a live replica of `kind` answers a ping within `timeout`. A replica's death fails every
+        request it held at once: they share one probe instead of each pinging."""
+        probe = self._probes.get(kind)
+        if probe is None or probe.done():
+            probe = self._probes[kind] = asyncio.ensure_future(self._probe(kind))
+        done, _ = await asyncio.wait({probe}, timeout=max(timeout, 0.0))
+        return probe in done and probe.result()
+
+    async def _probe(self, kind: str) -> bool:
+        """Ping `kind` until a replica answers (the router queues the ping until a replacement is up), for at most
+        replica_wait_s; a ping that meets the dead replica again (the router has not dropped it yet) is resent."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.replica_wait_s
+        while (left := end - loop.time()) > 0:
+            try:
+                return await asyncio.wait_for(self.students[kind].ping.remote(), timeout=left) == "ok"
+            except asyncio.TimeoutError:
+                return False
+            except Exception as exc:  # noqa: BLE001  any other failure: no replica is ready
+                if not is_replica_failure(exc):
+                    return False
+            await asyncio.sleep(min(0.2, max(end - loop.time(), 0.0)))
+        return False
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -388,7 +511,10 @@ class Ingress:
 
     @api.get("/models")
     async def models(self) -> JSONResponse:
-        described = {kind: await handle.describe.remote() for kind, handle in self.students.items()}
+        try:
+            described = {kind: await self._remote(kind, "describe") for kind in self.students}
+        except _Answered as answered:
+            return answered.response
         return JSONResponse({"students": described, "routes": self.routes})
 
     @api.post("/{kind}/{action}")
@@ -413,16 +539,9 @@ class Ingress:
         except RequestError as exc:
             return _error_response(exc)
         try:
-            reply: Reply = await asyncio.wait_for(self.students[kind].run.remote(action, payload),
-                                                  timeout=self.request_timeout_s)
-        except asyncio.TimeoutError:
-            return JSONResponse({"error": f"request timed out after {self.request_timeout_s} s"}, status_code=504)
-        except BackPressureError:
-            return JSONResponse({"error": f"student {kind!r} is overloaded; retry later"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        except Exception as exc:  # a failure inside the student: say which, keep the traceback in the logs
-            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            return JSONResponse({"error": f"student {kind!r} failed: {cause[:300]}"}, status_code=500)
+            reply: Reply = await self._remote(kind, "run", action, payload)
+        except _Answered as answered:
+            return answered.response
         return Response(content=reply.content, status_code=reply.status, media_type=reply.media_type)
 
 
@@ -467,15 +586,32 @@ def build_app(args: Union[dict[str, Any], AppArgs]) -> serve.Application:
             if key in table:
                 raise ValueError(f"students {table[key]!r} and {name!r} share the {what} {key!r}")
             table[key] = name
+    check_checkpoints(classes, args)
     for cls in classes.values():
         _ship_by_value(cls)
     students = {cls.kind: student_deployment(cls).bind(cls, args.students[name].model_dump())
                 for name, cls in classes.items()}
     actions = {cls.kind: list(cls.actions) for cls in classes.values()}
     return Ingress.bind(students, actions, request_timeout_s=args.request_timeout_s,
-                        max_body_bytes=args.max_body_bytes)
+                        max_body_bytes=args.max_body_bytes, replica_wait_s=args.replica_wait_s)
 
 
-__all__ = ["Ingress", "Reply", "StudentDeployment", "StudentModel", "StudentServer", "UnknownStudent", "build_app",
-           "builtin_students", "check_student", "chunks", "pick_device", "resolve_student", "routes_of",
-           "student_deployment"]
+def check_checkpoints(classes: dict[str, type[StudentModel]], args: AppArgs) -> None:
+    """Every student's `check_checkpoint`; one CheckpointUnavailable naming each bad path (a line per student).
+    Relative paths resolve against this process's working directory, which the message names."""
+    problems = []
+    for name, cls in classes.items():
+        checkpoint = args.students[name].checkpoint
+        try:
+            cls.check_checkpoint(checkpoint)
+        except Exception as exc:  # noqa: BLE001  FileNotFoundError, ValueError, S3 errors: all "cannot serve"
+            where = "" if "://" in checkpoint or os.path.isabs(checkpoint) else f" (relative to {os.getcwd()})"
+            text = str(exc).removeprefix(f"{checkpoint}: ")  # errors about the folder itself start with its path
+            problems.append(f"student {name!r}: cannot serve checkpoint {checkpoint!r}{where}: {text}")
+    if problems:
+        raise CheckpointUnavailable("\n".join(problems))
+
+
+__all__ = ["REPLICA_FAILURES", "CheckpointUnavailable", "Ingress", "Reply", "StudentDeployment", "StudentModel",
+           "StudentServer", "UnknownStudent", "build_app", "builtin_students", "check_checkpoints", "check_student",
+           "chunks", "is_replica_failure", "pick_device", "resolve_student", "routes_of", "student_deployment"]

@@ -102,6 +102,10 @@ class AppArgs(BaseModel):
         default_factory=dict, description="a built-in kind (a module of serve/students/) or a plug-in's import path "
                                           "'package.module:ClassName' -> that student's arguments")
     request_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="per request, answered with 504")
+    replica_wait_s: float = Field(30.0, gt=0.0, le=3600.0,
+                                  description="after a student replica dies mid-request, how long the ingress waits "
+                                              "for a live one to retry on before answering 503 (within "
+                                              "request_timeout_s)")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="larger bodies get 413")
 
     @model_validator(mode="after")
