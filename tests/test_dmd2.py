@@ -230,8 +230,13 @@ def test_apps_sample_and_evaluate_write_parquet_pictures_and_a_floor_row(generat
     assert all(math.isfinite(r["fid"]) and 0 <= r["class_fidelity"] <= 1 for r in table.rows)
     assert table.row(FLOOR_ROW)["fid"] < table.row("DMD2 1-step")["fid"]  # random weights are far from real maps
     assert set(table.extras["targets"]) == {"DMD2 1-step", "DMD2 2-step"}
-    assert (tmp_path / "eval" / "report.md").exists()
-    assert any(p.name.startswith("samples_dmd2") for p in (tmp_path / "eval").iterdir())
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(str(tmp_path / "eval" / "report.md"))
+    assert [Path(p).name for p in pictures] == ["samples_real.png", "samples_teacher_heun_3_nfe.png",
+                                                 "samples_teacher_euler_1_nfe.png", "samples_dmd2_1_step.png",
+                                                 "samples_dmd2_2_step.png"]
+    assert all(Path(p).stat().st_size > 0 for p in pictures)
     capsys.readouterr()
     evaluate_main(["dmd2", "--checkpoint", f"generator={generator_ckpt}", "--n", "16",
                    "--set", "auto_teacher=false"])

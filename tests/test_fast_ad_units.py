@@ -331,6 +331,11 @@ def test_evaluate_table_student_next_to_teacher(tmp_path):
     assert same.row("student")["teacher_agreement"] == 1.0  # a model agrees with itself
     assert same.row("student")["top1"] == same.row("teacher")["top1"]
     assert "| student |" in (tmp_path / "out" / "report.md").read_text()
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(str(tmp_path / "out" / "report.md"))  # no metrics.jsonl here: no curves
+    assert [p.rsplit("/", 1)[-1] for p in pictures] == ["confusion_student.png", "examples_student.png",
+                                                         "confusion_teacher.png", "examples_teacher.png"]
     with pytest.raises(ValueError, match="roles"):
         evaluate({"prior": teacher}, settings)
 

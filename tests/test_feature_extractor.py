@@ -193,9 +193,15 @@ def test_train_in_process_generates_data_and_writes_weights(tmp_path):
     assert not torch.equal(net.feat_mean, torch.zeros_like(net.feat_mean))  # calibrated on the training rows
     assert 0.0 <= meta["extra"]["heldout_accuracy"] <= 1.0 and meta["extra"]["n_val"] == 16
 
-    table = fe.METHOD.get("evaluate")({"model": outcome.run_dir}, fe.EvalSettings(n=32), None)
+    table = fe.METHOD.get("evaluate")({"model": outcome.run_dir}, fe.EvalSettings(n=32), str(tmp_path / "eval"))
     row = table.row("model")
     assert row["domain"] == "wafer" and row["n"] == 32 and 0.0 <= row["accuracy"] <= 1.0
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(table.report_path)
+    assert [Path(p).name for p in pictures] == ["confusion_model.png", "examples_model.png", "training_curves.png",
+                                                "accuracy_curves.png"]
+    assert all(Path(p).stat().st_size > 0 for p in pictures)
 
     bad = fe.Config(trainer=fe.TrainerSection(domain="wafer", batch_size=64), data=fe.DataSection(n=64),
                     run=RunSection(name="fe_small", storage_path=str(tmp_path / "runs"), num_workers=2))

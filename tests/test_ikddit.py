@@ -182,6 +182,11 @@ def test_evaluate_prints_a_measured_context_matched_floor(student, tmp_path):
     assert floor["fid"] < model["fid"]  # untrained weights are far from real maps of the same contexts
     assert FLOOR_ROW in table.markdown() and "FID-32" in table.markdown()
     assert (tmp_path / "eval" / "report.md").read_text().count(FLOOR_ROW) >= 1
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(str(tmp_path / "eval" / "report.md"))
+    assert [Path(p).name for p in pictures] == ["samples.png", "samples_quiver.png"]
+    assert all(Path(p).stat().st_size > 0 for p in pictures)
     with pytest.raises(ValueError, match="student and/or a teacher"):
         evaluate({}, EvalSettings(n=8))
     with pytest.raises(ValueError, match="is a student checkpoint"):
@@ -226,3 +231,7 @@ def test_two_worker_teacher_and_student_with_crash_and_resume(ray_local, tmp_pat
     assert all(math.isfinite(table.row(k)["fid"]) for k in ("teacher", "student", FLOOR_ROW))
     assert table.extras["speedup"] > 0
     assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "samples.png").exists()
+    from fabdistill.reports import linked_pictures
+
+    pictures = [Path(p).name for p in linked_pictures(str(tmp_path / "eval" / "report.md"))]
+    assert pictures == ["samples.png", "samples_quiver.png", "training_curves.png"]  # curves: the runs' metrics

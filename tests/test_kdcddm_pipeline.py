@@ -5,6 +5,7 @@ commands, and the pipeline's pieces (wafer twins, smoothing, config errors, Tune
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -94,6 +95,12 @@ def test_apps_evaluate_and_sample_through_the_method(trained, tmp_path, capsys):
     for r in table["rows"]:
         assert all(0.0 <= r[k] <= 1.0 for k in ("auroc", "ap", "pro", "iou", "dice")) and r["images_per_s"] > 0
     assert (out / "examples.png").stat().st_size > 0 and "pixel AUROC" in capsys.readouterr().out
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(str(out / "report.md"))
+    assert [p.rsplit("/", 1)[-1] for p in pictures] == ["examples.png", "translations.png", "score_maps.png",
+                                                         "training_curves.png"]
+    assert all(os.path.getsize(p) > 0 for p in pictures)
     for mode, ckpt in (("segment", "t-student"), ("augment", "t-cdldm"), ("pairs", "t-student")):
         dest = tmp_path / mode
         sample_main(["kdcddm", "--checkpoint", f"{storage}/{ckpt}", "--out", str(dest), "--n", "3", "--steps", "2",
@@ -102,6 +109,7 @@ def test_apps_evaluate_and_sample_through_the_method(trained, tmp_path, capsys):
 
         rows = pq.read_table(dest / "samples.parquet")
         assert rows.num_rows == 3 and (dest / "grid.png").stat().st_size > 0
+        assert (dest / "scores.png").is_file() == (mode == "segment")
         if mode == "segment":
             assert {"input", "translation", "score", "predicted_mask", "true_mask"} <= set(rows.column_names)
 

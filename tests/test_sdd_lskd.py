@@ -6,6 +6,7 @@ student through the classifier Serve kind, the sweep space and the CIFAR-100 pat
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -104,8 +105,13 @@ def test_classifier_trains_on_generated_mixed_maps(tmp_path):
     model, meta = load_classifier(outcome.checkpoint_dir)
     assert meta["classes"] == list(MIXED_CLASSES) and meta["arch"] == "shufflev1_tiny" and model.num_classes == 38
     table = classifier.evaluate({"model": outcome.run_dir},
-                                classifier.EvalSettings(n=24, size=16, generator="mixed_wafer"))
+                                classifier.EvalSettings(n=24, size=16, generator="mixed_wafer"), str(tmp_path / "ev"))
     assert table.row("model")["top1"] == pytest.approx(outcome.metrics["heldout_top1"])
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(table.report_path)
+    assert [p.rsplit("/", 1)[-1] for p in pictures] == ["confusion_model.png", "examples_model.png",
+                                                         "training_curves.png", "accuracy_curves.png"]
     bad = load_config(classifier.Config, "configs/classifier_mixed.yaml",
                       [f"run.storage_path={tmp_path}", "run.name=bad", "model.num_classes=9"])
     with pytest.raises(ConfigError, match="generated mixed_wafer maps need model.num_classes=38"):
@@ -198,7 +204,13 @@ def test_teacher_then_student_in_process_gives_a_plain_classifier_checkpoint_tha
     # the same held-out maps as the trainer's: the same numbers
     assert table.row("student")["top1"] == pytest.approx(rows[-1]["heldout_top1"])
     assert table.row("teacher")["top1"] == pytest.approx(teacher_top1)
-    assert (tmp_path / "eval" / "report.md").exists()
+    from fabdistill.reports import linked_pictures
+
+    pictures = linked_pictures(str(tmp_path / "eval" / "report.md"))
+    assert [p.rsplit("/", 1)[-1] for p in pictures] == [
+        "confusion_teacher.png", "examples_teacher.png", "confusion_student.png", "examples_student.png",
+        "training_curves.png", "accuracy_curves.png"]
+    assert all(os.path.getsize(p) > 0 for p in pictures)
 
     # another distiller from the same teacher (phase student); a teacher of other classes is refused
     again = sdd_lskd.train(tiny_cfg(tmp_path, "run.name=dkd", "phase=student", "student.distiller=dkd",

@@ -28,6 +28,7 @@ import dataclasses
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -506,19 +507,28 @@ class EvalSettings:
     batch_size: int = knob(512, ge=1, le=65_536, help="inference batch size")
 
 
-def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
-             out_dir: Optional[str] = None) -> EvalTable:
-    """Held-out top-1 and inference speed of each checkpoint ({role: checkpoint or run folder}), one row each."""
-    from fabdistill import storage
+@dataclasses.dataclass
+class HeldOutPredictions:
+    """What a classifier report draws: the held-out inputs x (N, C, H, W) in [−1, 1] (`encoding`: wafer_pm1 or
+    image_pm1), labels y (N,), each role's predicted labels (N,) and the class names."""
 
-    settings = settings or EvalSettings()
+    x: Tensor
+    y: Tensor
+    predictions: dict[str, Tensor]
+    class_names: list[str]
+    encoding: str
+
+
+def score_checkpoints(checkpoints: dict[str, str], settings: EvalSettings) -> tuple[EvalTable, HeldOutPredictions]:
+    """Held-out top-1 and inference speed of each checkpoint ({role: checkpoint or run folder}), one row each, and
+    the predictions the report draws."""
     if not checkpoints:
         raise ValueError("evaluate needs at least one checkpoint ({role: path})")
     x, y = heldout_tensors(settings.uri or None, settings.split, settings.n, settings.seed, settings.size,
                            settings.generator, settings.label_column or None)
     what = "mixed-type wafer maps" if settings.generator == "mixed_wafer" else "wafer maps"
     source = settings.uri or f"{x.shape[0]} generated {what}, seed {settings.seed}"
-    rows = []
+    rows, predictions, metas = [], {}, []
     for role, path in checkpoints.items():
         model, meta = load_classifier(path)
         if meta["in_channels"] != x.shape[1]:
@@ -528,17 +538,71 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
         t0 = time.perf_counter()
         logits = predict_logits(model, x, settings.batch_size)
         spent = time.perf_counter() - t0
+        predictions[role] = logits.argmax(1)
+        metas.append(meta)
         rows.append({"model": role, "arch": meta["arch"], "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "top1": float((logits.argmax(1) == y).float().mean()),
+                     "top1": float((predictions[role] == y).float().mean()),
                      "images_per_s": x.shape[0] / max(spent, 1e-9), "checkpoint": path})
     table = EvalTable(
         title=f"Held-out top-1 ({source})",
         columns={"model": ("model", ""), "arch": ("arch", ""), "params_m": ("params (M)", ".2f"),
                  "top1": ("top-1", ".4f"), "images_per_s": ("images/s", ".0f")},
         rows=rows, extras={"n": int(x.shape[0]), "seed": settings.seed, "uri": settings.uri})
+    return table, heldout_predictions(x, y, predictions, metas)
+
+
+def heldout_predictions(x: Tensor, y: Tensor, predictions: dict[str, Tensor], metas: list[dict]) -> HeldOutPredictions:
+    """HeldOutPredictions with the class names of the first checkpoint that names enough classes (else numbers)."""
+    k = int(max([int(y.max())] + [int(p.max()) for p in predictions.values()])) + 1 if y.numel() else 1
+    names = next((list(m["classes"]) for m in metas if len(m.get("classes") or []) >= k), [str(i) for i in range(k)])
+    return HeldOutPredictions(x, y, predictions, names, metas[0].get("encoding", "wafer_pm1") if metas else "wafer_pm1")
+
+
+def report_figures(held: HeldOutPredictions, checkpoints: dict[str, str], examples: int = 16) -> dict[str, Any]:
+    """Figures of a classifier report: per role a confusion matrix and `examples` held-out inputs titled true →
+    predicted class (wrong ones first, in red); loss and accuracy curves from the checkpoints' metrics.jsonl."""
+    from data.encoding import decode_images
+    from fabdistill.reports import run_curves
+    from fabdistill.viz import confusion_matrix, images_grid, wafer_maps
+
+    figures: dict[str, Any] = {}
+    names = held.class_names
+    y = held.y.numpy()
+    for role, pred in held.predictions.items():
+        p = pred.numpy()
+        figures[f"confusion {role}"] = confusion_matrix(y, p, names, title=role)
+        order = np.concatenate([np.flatnonzero(p != y), np.flatnonzero(p == y)])[:examples]
+        titles = [f"{names[y[i]]}\n→ {names[p[i]]}" for i in order]
+        colours = ["#c0392b" if p[i] != y[i] else "black" for i in order]
+        heading = f"{role}: held-out inputs, true → predicted class (wrong ones first, red)"
+        if held.encoding == "wafer_pm1":
+            shown = decode_wafer(held.x[order]).numpy()
+            figures[f"examples {role}"] = wafer_maps(shown, titles, heading=heading, title_colours=colours)
+        else:
+            images = decode_images(held.x[order]).numpy() / 255.0  # (k, C, H, W) in [0, 1]
+            images = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+            figures[f"examples {role}"] = images_grid(images, titles, heading=heading, title_colours=colours)
+    figures["training curves"] = run_curves(checkpoints)
+    figures["accuracy curves"] = run_curves(checkpoints, match=("top1", "acc", "agreement"), ylabel="accuracy",
+                                            title="accuracy during training (rank 0)", log_y=False)
+    return figures
+
+
+def write_report(out_dir: str, title: str, table: EvalTable, held: HeldOutPredictions,
+                 checkpoints: dict[str, str], notes: tuple[str, ...] = ()) -> str:
+    """report.md with the table and report_figures, and metrics.json, into out_dir."""
+    from fabdistill.reports import write_report as write
+
+    return write(out_dir, title, table, report_figures(held, checkpoints), notes=notes)
+
+
+def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
+             out_dir: Optional[str] = None) -> EvalTable:
+    """Held-out top-1 and inference speed of each checkpoint ({role: checkpoint or run folder}), one row each;
+    report.md with confusion matrices, held-out examples and training curves in `out_dir` when given."""
+    table, held = score_checkpoints(checkpoints, settings or EvalSettings())
     if out_dir:
-        table.report_path = storage.join(out_dir, "report.md")
-        storage.write_bytes(table.report_path, (table.markdown() + "\n").encode())
+        table.report_path = write_report(out_dir, "Classifier evaluation", table, held, checkpoints)
     return table
 
 

@@ -9,15 +9,16 @@ from fabdistill.config import load_config
 
 
 def _loss_plot(run_dirs: dict[str, str], path: str) -> None:
-    from fabdistill.viz import line_plot, save_png
+    from fabdistill.viz import save_figure, training_curves
     from trainers.launch import read_metrics
 
     series = {}
     for phase, run_dir in run_dirs.items():
-        metrics = read_metrics(run_dir)
+        metrics = [m for m in read_metrics(run_dir) if "loss" in m]
         series[f"{phase} loss"] = ([m["step"] for m in metrics], [m["loss"] for m in metrics])
-    save_png(line_plot(series, title="training loss (rank 0, mean over the logging interval)", xlabel="step",
-                       ylabel="loss"), path)
+    positive = all(v > 0 for _, ys in series.values() for v in ys)
+    save_figure(training_curves(series, title="training loss (rank 0, mean over the logging interval)",
+                                xlabel="step", ylabel="loss", log_y=positive), path)
 
 
 def run_demo(config_path: str = "configs/ikddit_demo.yaml", overrides: tuple[str, ...] = (), n_eval: int = 1000,

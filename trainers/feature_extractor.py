@@ -101,20 +101,23 @@ def generate_tables(domain: str, n: int, seed: int, size: int) -> Any:
 
 
 @torch.no_grad()
-def accuracy(net: DomainFeatureNet, x: torch.Tensor, y: torch.Tensor, domain: str, batch_size: int = 512) -> float:
-    """Top-1 accuracy of `net` on native-unit images x (N, C, H, W) with labels y (N,); NaN for no rows."""
-    if x.shape[0] == 0:
-        return float("nan")
+def predict_labels(net: DomainFeatureNet, x: torch.Tensor, domain: str, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels (N,) of `net` on native-unit images x (N, C, H, W); restores the net's train/eval mode."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     enc = ENCODINGS[domain]
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = net(enc.encode(x[i:i + batch_size].to(device)))               # (B, K)
-        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    out = [net(enc.encode(x[i:i + batch_size].to(device))).argmax(1).cpu()                # (B,)
+           for i in range(0, x.shape[0], batch_size)]
     net.train(was_training)
-    return correct / x.shape[0]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(net: DomainFeatureNet, x: torch.Tensor, y: torch.Tensor, domain: str, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `net` on native-unit images x (N, C, H, W) with labels y (N,); NaN for no rows."""
+    if x.shape[0] == 0:
+        return float("nan")
+    return int((predict_labels(net, x, domain, batch_size) == y).sum()) / x.shape[0]
 
 
 #################################################################################
@@ -350,14 +353,14 @@ def weights_file(path: str) -> str:
 
 def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
              out_dir: Optional[str] = None) -> EvalTable:
-    """Held-out top-1 accuracy of each weights file (or run folder) on its domain's label, one row each."""
+    """Held-out top-1 accuracy of each weights file (or run folder) on its domain's label, one row each; report.md
+    with a confusion matrix and held-out examples per model, and training curves, in `out_dir` when given."""
     from data.parquet_io import read_dataset
-    from fabdistill import storage
 
     settings = settings or EvalSettings()
     if not checkpoints:
         raise ValueError("evaluate needs at least one weights file ({role: path})")
-    rows = []
+    rows, figures = [], {}
     for role, path in checkpoints.items():
         net, meta = load_feature_net(weights_file(path))
         domain = meta["domain"]
@@ -368,18 +371,57 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
             size = settings.size or int(meta["extra"].get("image_size", 32))
             table = generate_tables(domain, settings.n, seed, size)
         x, y = domain_tensors(table, domain)
+        pred = predict_labels(net, x, domain)
         rows.append({"model": role, "domain": domain, "classes": meta["num_classes"],
-                     "accuracy": accuracy(net, x, y, domain), "chance": 1.0 / meta["num_classes"],
-                     "n": int(y.shape[0]), "weights": path})
+                     "accuracy": float((pred == y).float().mean()) if y.numel() else float("nan"),
+                     "chance": 1.0 / meta["num_classes"], "n": int(y.shape[0]), "weights": path})
+        if out_dir and y.numel():
+            figures.update(report_figures(role, domain, x, y, pred, meta))
     table = EvalTable(
         title="Feature extractor: held-out accuracy on the domain label",
         columns={"model": ("model", ""), "domain": ("domain", ""), "classes": ("classes", "d"),
                  "accuracy": ("accuracy", ".4f"), "chance": ("chance", ".3f"), "n": ("N", "d")},
         rows=rows)
     if out_dir:
-        table.report_path = storage.join(out_dir, "report.md")
-        storage.write_bytes(table.report_path, (table.markdown() + "\n").encode())
+        from fabdistill.reports import run_curves, write_report
+
+        figures["training curves"] = run_curves(checkpoints)
+        figures["accuracy curves"] = run_curves(checkpoints, match=("acc",), ylabel="accuracy", log_y=False,
+                                                title="accuracy during training (rank 0)")
+        table.report_path = write_report(out_dir, "Feature extractor evaluation", table, figures)
     return table
+
+
+def report_figures(role: str, domain: str, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, meta: dict,
+                   examples: int = 12) -> dict[str, Any]:
+    """A model's confusion matrix and `examples` held-out inputs (native units x (N, C, H, W)) titled true →
+    predicted class, wrong ones first in red: overlay maps as dx | dy heat maps, wafer maps in the wafer palette,
+    SEM images grey."""
+    import numpy as np
+
+    from fabdistill.viz import confusion_matrix, overlay_heatmaps, sem_images, wafer_maps
+
+    yy, pp = y.numpy(), pred.numpy()
+    k = max(int(meta["num_classes"]), int(yy.max()) + 1, int(pp.max()) + 1)
+    names = list(meta.get("class_names") or [])
+    names = names + [str(i) for i in range(len(names), k)]
+    short = [n.replace("equipment_", "eq ") for n in names]
+    order = np.concatenate([np.flatnonzero(pp != yy), np.flatnonzero(pp == yy)])[:examples]
+    titles = [f"{short[yy[i]]} → {short[pp[i]]}" for i in order]
+    heading = f"{role}: held-out {domain} inputs, true → predicted (wrong ones first)"
+    shown = x[order].numpy()
+    if domain == "overlay":
+        from data.overlay import grid_coordinates
+
+        valid = grid_coordinates(shown.shape[-2], shown.shape[-1])["valid"]
+        picture = overlay_heatmaps(shown, titles, valid=valid, columns=4, heading=heading)
+    elif domain == "wafer":
+        picture = wafer_maps(shown[:, 0], titles, columns=6, heading=heading,
+                             title_colours=["#c0392b" if pp[i] != yy[i] else "black" for i in order])
+    else:
+        picture = sem_images(shown[:, 0], titles=titles, columns=6, heading=heading)
+    return {f"confusion {role}": confusion_matrix(yy, pp, short, title=f"{role} ({domain})"),
+            f"examples {role}": picture}
 
 
 #################################################################################

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from data.seeds import OVERLAY_FLOOR, OVERLAY_HELD_OUT
-from fabdistill import storage
 from fabdistill.config import knob
 from fabdistill.inference.ikddit import IKDDiTPipeline, row_seeds, sample_in_batches
 from fabdistill.methods import EvalTable
@@ -158,7 +157,7 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
                       extras={"n": n, "steps": settings.steps, "seed": settings.seed, "speedup": _speedup(rows),
                               "held_out_seed": OVERLAY_HELD_OUT, "floor_seed": OVERLAY_FLOOR})
     if out_dir:
-        table.report_path = write_report(out_dir, table, real, samples)
+        table.report_path = write_report(out_dir, table, real, samples, checkpoints)
     return table
 
 
@@ -185,30 +184,31 @@ def _notes(rows: list[dict], n: int) -> list[str]:
     return notes
 
 
-def write_report(out_dir: str, table: EvalTable, real: dict, samples: dict[str, np.ndarray]) -> str:
-    """report.md, samples.png (real | each model, same context per column) and metrics.json into out_dir."""
-    from fabdistill.viz import overlay_grid, save_png
+def write_report(out_dir: str, table: EvalTable, real: dict, samples: dict[str, np.ndarray],
+                 checkpoints: dict[str, str] | None = None) -> str:
+    """report.md with the table and figures (samples.png: dx | dy heat maps, real | each model in rows, the same
+    equipment context per column; samples_quiver.png: the same maps as vectors over the wafer and field grid;
+    training_curves.png from the checkpoints' metrics.jsonl) and metrics.json into out_dir."""
+    from fabdistill.reports import run_curves
+    from fabdistill.reports import write_report as write
+    from fabdistill.viz import overlay_heatmaps, overlay_quiver
 
-    storage.makedirs(out_dir)
     k = min(4, real["maps"].shape[0])
-    shown = [real["maps"][:k]] + [samples[name][:k] for name in samples]
+    shown = np.concatenate([real["maps"][:k]] + [samples[name][:k] for name in samples])
     titles = [f"real id {int(i)}" for i in real["equipment_id"][:k]]
     for name in samples:
         titles += [f"{name} id {int(i)}" for i in real["equipment_id"][:k]]
-    grid = overlay_grid(np.concatenate(shown), titles, valid=real["valid"], columns=k,
-                        heading="same equipment context per column: real | " + " | ".join(samples))
-    save_png(grid, storage.join(out_dir, "samples.png"))
-    storage.write_bytes(storage.join(out_dir, "metrics.json"), table.to_json().encode())
+    heading = "same equipment context per column; rows: real | " + " | ".join(samples)
+    figures = {"samples": overlay_heatmaps(shown, titles, valid=real["valid"], columns=k, heading=heading),
+               "samples quiver": overlay_quiver(shown, titles, valid=real["valid"], columns=k, heading=heading),
+               "training curves": run_curves(checkpoints or {})}
     n, steps = table.extras["n"], table.extras["steps"]
-    text = ["# IKDDiT evaluation", "",
-            f"{n} held-out real maps (generator seed {OVERLAY_HELD_OUT}); DDIM {steps} steps; samples conditioned on "
-            "the held-out maps' equipment logs and IDs.", "", table.markdown(), "",
-            "- FID/KID: torch-fidelity with the project's overlay feature extractor (metrics/weights/), lower is "
-            "better; compare the models with the floor row, not with 0.",
-            "- cond. fidelity: share of maps whose equipment (scanner × chuck) the overlay classifier recognises as "
-            "the one conditioned on (chance ≈ 1/16).",
-            "- resid. |m|+3σ: residual after the 10-term linear fit; term W1: mean normalised Wasserstein-1 distance "
-            "of fitted terms to the real distribution.", "", "![samples](samples.png)", ""]
-    path = storage.join(out_dir, "report.md")
-    storage.write_bytes(path, "\n".join(text).encode())
-    return path
+    intro = [f"{n} held-out real maps (generator seed {OVERLAY_HELD_OUT}); DDIM {steps} steps; samples conditioned "
+             "on the held-out maps' equipment logs and IDs."]
+    notes = ["- FID/KID: torch-fidelity with the project's overlay feature extractor (metrics/weights/), lower is "
+             "better; compare the models with the floor row, not with 0.",
+             "- cond. fidelity: share of maps whose equipment (scanner × chuck) the overlay classifier recognises "
+             "as the one conditioned on (chance ≈ 1/16).",
+             "- resid. |m|+3σ: residual after the 10-term linear fit; term W1: mean normalised Wasserstein-1 "
+             "distance of fitted terms to the real distribution."]
+    return write(out_dir, "IKDDiT evaluation", table, figures, notes=notes, intro=intro)

@@ -394,19 +394,17 @@ class EvalSettings(clf.EvalSettings):
 
 def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
              out_dir: Optional[str] = None) -> EvalTable:
-    """Held-out top-1 of the teacher and students ({role: checkpoint or run folder}), with each student's distiller."""
-    from fabdistill import storage
-
+    """Held-out top-1 of the teacher and students ({role: checkpoint or run folder}), with each student's distiller;
+    report.md with confusion matrices, held-out examples and training curves in `out_dir` when given."""
     settings = settings or EvalSettings()
-    table = clf.evaluate(checkpoints, settings, None)
+    table, held = clf.score_checkpoints(checkpoints, settings)
     for row in table.rows:
         meta = load_state(resolve_checkpoint(row["checkpoint"]))[1]
         row["distiller"] = meta.get("distiller", "–" if meta.get("method") == "sdd_lskd" else "(teacher/plain)")
     table.columns = {"model": ("model", ""), "arch": ("arch", ""), "distiller": ("distiller", ""),
                      **{k: v for k, v in table.columns.items() if k not in ("model", "arch")}}
     if out_dir:
-        table.report_path = storage.join(out_dir, "report.md")
-        storage.write_bytes(table.report_path, (table.markdown() + "\n").encode())
+        table.report_path = clf.write_report(out_dir, "SDD-LSKD evaluation", table, held, checkpoints)
     return table
 
 

@@ -1,5 +1,5 @@
 """Sweep results as files people read: a CSV/Parquet of every trial, Markdown tables in the shape of the papers'
-ablations, score-vs-knob plots (Pillow) and the best trial's config as a ready-to-use YAML.
+ablations, score-vs-knob plots (matplotlib, fabdistill/viz.py) and the best trial's config as a ready-to-use YAML.
 
 A row (one per trial):
     trial_id, <each knob of the space>, status (finished | stopped early | error), steps (last training step
@@ -186,8 +186,9 @@ def markdown(rows: list[dict], space: MethodSpace, axes: dict[str, Axis], settin
 
 def score_plot(rows: list[dict], knob: str, space: MethodSpace, axes: dict[str, Axis],
                settings: ScoreSettings) -> Optional[Any]:
-    """Score against one knob; one line per combination of the other varying knobs. None if nothing to draw."""
-    from fabdistill.viz import line_plot
+    """Score against one knob (a matplotlib Figure): one line per combination of the other varying knobs, and the
+    published values for this knob (space.reference) on their own axis beside ours. None if nothing to draw."""
+    from fabdistill.viz import sweep_plot
 
     others = [k for k in varying(axes) if k != knob]
     series: dict[str, tuple[list[float], list[float]]] = {}
@@ -204,8 +205,9 @@ def score_plot(rows: list[dict], knob: str, space: MethodSpace, axes: dict[str, 
         order = sorted(range(len(xs)), key=xs.__getitem__)
         series[label] = ([xs[i] for i in order], [ys[i] for i in order])
     score = space.score_label.format(n=settings.n)
-    return line_plot(series, title=f"{score} vs {space.label(knob)} ({space.score_mode} is best)",
-                     xlabel=space.label(knob), ylabel=score)
+    return sweep_plot(series, xlabel=space.label(knob), ylabel=score,
+                      title=f"{score} vs {space.label(knob)} ({space.score_mode} is best)",
+                      paper=space.reference.get(knob) or None, paper_label=space.reference_label or "paper")
 
 
 # --------------------------------------------------------------------------- files
@@ -215,7 +217,7 @@ def write_results(folder: str, rows: list[dict], space: MethodSpace, axes: dict[
     """results.csv/.parquet/.md, <score>_vs_<knob>.png and best_config.yaml into the sweep folder."""
     import pandas as pd
 
-    from fabdistill.viz import save_png
+    from fabdistill.viz import save_figure
 
     files: dict[str, str] = {}
     df = pd.DataFrame(rows)
@@ -228,10 +230,10 @@ def write_results(folder: str, rows: list[dict], space: MethodSpace, axes: dict[
 
     plots = []
     for knob in varying(axes):
-        img = score_plot(rows, knob, space, axes, settings)
-        if img is not None:
+        fig = score_plot(rows, knob, space, axes, settings)
+        if fig is not None:
             name = f"{space.score_name}_vs_{knob}.png"
-            save_png(img, storage.join(folder, name))
+            save_figure(fig, storage.join(folder, name))
             files[f"plot_{knob}"] = storage.join(folder, name)
             plots.append(name)
 

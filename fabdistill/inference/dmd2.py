@@ -213,37 +213,17 @@ def sample_in_batches(pipe: DMD2Pipeline, labels: np.ndarray, seeds: Sequence[in
 
 # --------------------------------------------------------------------------- pictures
 
-WAFER_RGB = np.array([[236, 236, 236], [70, 160, 95], [205, 45, 45]], np.uint8)  # off-wafer, pass, fail
-
-
-def to_rgb(samples: np.ndarray, domain: str) -> np.ndarray:
-    """Native-unit samples (N, 1, H, W) → (N, H, W, 3) uint8."""
-    if domain == "wafer":
-        return WAFER_RGB[np.clip(np.rint(samples[:, 0]), 0, 2).astype(np.int64)]
-    grey = (np.clip(samples[:, 0], 0, 1) * 255).round().astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
 def class_grid(samples: np.ndarray, labels: np.ndarray, class_names: Sequence[str], domain: str, heading: str = "",
-               per_row: int = 8, zoom: int = 3):
-    """A PIL picture: one row per class present in `labels` (its name at the left), up to per_row samples each."""
-    from PIL import Image, ImageDraw
+               per_row: int = 8):
+    """Native-unit samples (N, 1, H, W) as a matplotlib Figure with one row per class present in `labels` (its name
+    at the left), up to per_row samples each: wafer maps in the off / pass / fail palette, SEM images in grey
+    (fabdistill.viz.class_grid)."""
+    from fabdistill.viz import class_grid as draw
 
-    rgb = to_rgb(samples, domain)
-    h, w = rgb.shape[1] * zoom, rgb.shape[2] * zoom
-    classes = [c for c in range(len(class_names)) if (labels == c).any()]
-    left, top, pad = 96, 22 if heading else 4, 4
-    img = Image.new("RGB", (left + per_row * (w + pad), top + len(classes) * (h + pad)), "white")
-    draw = ImageDraw.Draw(img)
-    if heading:
-        draw.text((4, 4), heading, fill="black")
-    for r, c in enumerate(classes):
-        y0 = top + r * (h + pad)
-        draw.text((4, y0 + h // 2 - 5), str(class_names[c]), fill="black")
-        for k, i in enumerate(np.flatnonzero(labels == c)[:per_row]):
-            tile = Image.fromarray(rgb[i]).resize((w, h), Image.NEAREST)
-            img.paste(tile, (left + k * (w + pad), y0))
-    return img
+    domain_encoding(domain)  # a clear error for an unknown domain
+    images = samples[:, 0] if domain == "sem" else np.clip(np.rint(samples[:, 0]), 0, 2)
+    return draw(images, labels, class_names, kind="wafer" if domain == "wafer" else "grey", per_row=per_row,
+                heading=heading)
 
 
 # --------------------------------------------------------------------------- sampling to files (apps/sample)
@@ -292,7 +272,7 @@ def sample_to_files(checkpoint: str, out_dir: str, settings: SampleSettings) -> 
     class) and `samples.png` (rows = classes). Returns a one-line message."""
     from data.parquet_io import write_dataset
     from fabdistill import storage
-    from fabdistill.viz import save_png
+    from fabdistill.viz import save_figure
 
     pipe = DMD2Pipeline.from_checkpoint(checkpoint)
     classes = list(settings.classes) or list(range(pipe.num_classes))
@@ -305,7 +285,7 @@ def sample_to_files(checkpoint: str, out_dir: str, settings: SampleSettings) -> 
     write_dataset(samples_table(samples, labels, pipe.domain, f"dmd2-{pipe.role}"), parquet_uri, pipe.domain)
     what = f"{steps}-step generator" if sampler == "generator" else f"teacher {sampler} {steps} NFE"
     png_uri = storage.join(out_dir, "samples.png")
-    save_png(class_grid(samples, labels, pipe.class_names, pipe.domain, heading=f"DMD2 {what}, seed {settings.seed}"),
-             png_uri)
+    save_figure(class_grid(samples, labels, pipe.class_names, pipe.domain,
+                           heading=f"DMD2 {what}, seed {settings.seed}"), png_uri)
     return (f"wrote {labels.size} samples ({len(classes)} classes × {settings.n}, {what}, "
             f"{labels.size / max(spent, 1e-9):.1f}/s) to {parquet_uri} and a picture to {png_uri}")

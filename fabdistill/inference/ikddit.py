@@ -284,14 +284,15 @@ class SampleSettings:
 
 def sample_to_files(checkpoint: str, out_dir: str, settings: SampleSettings) -> str:
     """Sample a checkpoint into out_dir: `samples/` (Parquet, overlay schema: the conditioning rows with the
-    generated maps in place of the real ones) and `samples.png`. Returns a one-line message."""
+    generated maps in place of the real ones), `samples.png` (dx | dy heat maps) and `samples_quiver.png` (vector
+    plots over the wafer and field grid). Returns a one-line message."""
     import pyarrow as pa
 
     from data.overlay import grid_coordinates
     from data.parquet_io import from_fixed_list, read_dataset, write_dataset
     from data.seeds import OVERLAY_CONDITIONS
     from fabdistill import storage
-    from fabdistill.viz import overlay_grid, save_png
+    from fabdistill.viz import overlay_heatmaps, overlay_quiver, save_figure
 
     pipe = IKDDiTPipeline.from_checkpoint(checkpoint)
     n = settings.n
@@ -318,9 +319,11 @@ def sample_to_files(checkpoint: str, out_dir: str, settings: SampleSettings) -> 
     write_dataset(generated, parquet_uri, "overlay")
     k = min(n, 8)
     steps = settings.steps if settings.sampler == "ddim" else pipe.diffusion.num_timesteps
-    grid = overlay_grid(maps[:k], [f"{pipe.role} id {int(i)}" for i in ids[:k]],
-                        valid=grid_coordinates(pipe.map_size, pipe.map_size)["valid"], columns=4,
-                        heading=f"IKDDiT {pipe.role}, {settings.sampler} {steps} steps, mask ratio {ratio}")
-    png_uri = storage.join(out_dir, "samples.png")
-    save_png(grid, png_uri)
-    return f"wrote {n} maps to {parquet_uri} and a picture to {png_uri}"
+    titles = [f"{pipe.role} id {int(i)}" for i in ids[:k]]
+    valid = grid_coordinates(pipe.map_size, pipe.map_size)["valid"]
+    heading = f"IKDDiT {pipe.role}, {settings.sampler} {steps} steps, mask ratio {ratio}"
+    png_uri = save_figure(overlay_heatmaps(maps[:k], titles, valid=valid, columns=4, heading=heading),
+                          storage.join(out_dir, "samples.png"))
+    quiver_uri = save_figure(overlay_quiver(maps[:k], titles, valid=valid, columns=4, heading=heading),
+                             storage.join(out_dir, "samples_quiver.png"))
+    return f"wrote {n} maps to {parquet_uri} and pictures to {png_uri} (dx | dy) and {quiver_uri} (vectors)"

@@ -338,33 +338,40 @@ def choose_model_threshold(seg: Segmenter, val: dict[str, torch.Tensor], batch_s
 
 # --------------------------------------------------------------------------- pictures and files
 
-def grey_grid(columns: list[tuple[str, np.ndarray]], cell: int = 64, heading: str = "") -> "Any":
-    """Rows of images, one column per (title, array (N, H, W) in [0, 1] or bool) -> a PIL image."""
-    from PIL import Image, ImageDraw
+def display_images(images: np.ndarray, domain: str) -> tuple[np.ndarray, str]:
+    """Images (N, H, W) in [0, 1] as drawn (viz.sem_images): SEM grey as they are; wafer maps (map / 2, see
+    pairs_from_tensors) back to {0 off, 1 pass, 2 fail} in the wafer palette. Returns (images, palette)."""
+    x = np.asarray(images, dtype=np.float64)
+    if domain_kind(domain) == "wafer":
+        return np.clip(np.rint(2.0 * x), 0, 2), "wafer"
+    return x, "grey"
 
-    n = columns[0][1].shape[0]
-    pad, label = 4, 12
-    top = label + (label if heading else 0)
-    img = Image.new("RGB", (pad + len(columns) * (cell + pad), top + n * (cell + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    if heading:
-        draw.text((pad, 1), heading, fill=(20, 20, 20))
+
+def columns_grid(columns: list[tuple[str, np.ndarray]], domain: str, true: np.ndarray | None = None,
+                 pred: np.ndarray | None = None, outlined: tuple[str, ...] = (), heading: str = "") -> Any:
+    """Rows = examples, one column per (title, images (N, H, W) in [0, 1]) as a viz.sem_images Figure; the columns
+    named in `outlined` carry the true (N, H, W) and predicted masks as outlines."""
+    from fabdistill.viz import sem_images
+
+    n, c = columns[0][1].shape[0], len(columns)
+    h, w = columns[0][1].shape[1:]
+    images = np.empty((n * c, h, w))
+    true_m = np.zeros((n * c, h, w), bool)
+    pred_m = np.zeros((n * c, h, w), bool)
+    titles = []
+    palette = "grey"
     for j, (title, arr) in enumerate(columns):
-        x0 = pad + j * (cell + pad)
-        draw.text((x0, top - label), title[:12], fill=(20, 20, 20))
-        a = np.asarray(arr, dtype=np.float64)
-        if arr.dtype != bool:
-            hi = max(float(a.max()), 1e-6) if title.startswith("score") else 1.0
-            a = np.clip(a / hi, 0, 1)
-        for i in range(n):
-            tile = Image.fromarray((a[i] * 255).round().astype(np.uint8), "L").resize((cell, cell), Image.NEAREST)
-            img.paste(tile.convert("RGB"), (x0, top + i * (cell + pad)))
-    return img
-
-
-def mask_overlay(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Predicted vs true mask as one grey picture: both 1, predicted only 0.66, true only 0.33, neither 0."""
-    return np.where(pred & true, 1.0, np.where(pred, 0.66, np.where(true, 0.33, 0.0)))
+        shown, palette = display_images(arr, domain)
+        images[j::c] = shown
+        if title in outlined:
+            if true is not None:
+                true_m[j::c] = true
+            if pred is not None:
+                pred_m[j::c] = pred
+        titles += [title]
+    return sem_images(images, true_m if true is not None else None, pred_m if pred is not None else None,
+                      titles=[titles[k % c] if k < c else "" for k in range(n * c)], columns=c, heading=heading,
+                      palette=palette)
 
 
 @dataclasses.dataclass
@@ -382,7 +389,8 @@ class SampleSettings:
 
 
 def sample_to_files(checkpoint: str, out_dir: str, settings: Optional[SampleSettings] = None) -> str:
-    """apps.sample: samples.parquet (plain Parquet: one row per image, arrays as lists) and grid.png in out_dir."""
+    """apps.sample: samples.parquet (plain Parquet: one row per image, arrays as lists) and grid.png in out_dir
+    (rows = images; segment mode outlines the true and predicted masks on the input and adds scores.png)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -401,17 +409,13 @@ def sample_to_files(checkpoint: str, out_dir: str, settings: Optional[SampleSett
             columns["translation"] = cleans[:, 0]
         columns.update({"score": scores, "predicted_mask": scores >= seg.threshold,
                         "true_mask": data["mask"][:, 0].numpy() > 0.5})
-        shown = [(k, v) for k, v in columns.items() if k not in ("predicted_mask", "true_mask")]
-        shown.append(("pred vs true", mask_overlay(columns["predicted_mask"], columns["true_mask"])))
     elif settings.mode == "augment":
         real = held_out_pairs(seg.domain, settings.n, seg.image_size, "test")["defect"]
         defect, clean = seg.augment(real, settings.sigma, settings.seed)
         columns = {"source": real[:, 0].numpy(), "defect": defect[:, 0].numpy(), "clean": clean[:, 0].numpy()}
-        shown = list(columns.items())
     else:
         defect, clean = seg.generate_pairs(settings.n, settings.seed, settings.steps)
         columns = {"defect": defect[:, 0].numpy(), "clean": clean[:, 0].numpy()}
-        shown = list(columns.items())
     table = pa.table({k: pa.array([np.asarray(v[i], np.float32).ravel() for i in range(v.shape[0])])
                       for k, v in columns.items()}
                      | {"height": pa.array([seg.image_size] * settings.n, pa.int32()),
@@ -420,10 +424,20 @@ def sample_to_files(checkpoint: str, out_dir: str, settings: Optional[SampleSett
     pq.write_table(table, buf)
     storage.makedirs(out_dir)
     storage.write_bytes(storage.join(out_dir, "samples.parquet"), buf.getvalue())
-    from fabdistill.viz import save_png
+    from fabdistill.viz import save_figure, score_maps
 
     k = min(settings.n, 8)
-    save_png(grey_grid([(t, a[:k]) for t, a in shown], heading=f"KDCDDM {seg.model} | {settings.mode}"),
-             storage.join(out_dir, "grid.png"))
+    heading = f"KDCDDM {seg.model} | {settings.mode}"
+    shown = [(name, v[:k]) for name, v in columns.items() if name not in ("predicted_mask", "true_mask", "score")]
+    pictures = ["grid.png"]
+    if settings.mode == "segment":
+        save_figure(columns_grid(shown, seg.domain, columns["true_mask"][:k], columns["predicted_mask"][:k],
+                                 outlined=("input",), heading=heading), storage.join(out_dir, "grid.png"))
+        save_figure(score_maps(columns["score"][:k], columns=min(k, 4),
+                               heading=f"{heading} | score (threshold {seg.threshold:.3g})"),
+                    storage.join(out_dir, "scores.png"))
+        pictures.append("scores.png")
+    else:
+        save_figure(columns_grid(shown, seg.domain, heading=heading), storage.join(out_dir, "grid.png"))
     return (f"{settings.n} {settings.mode} rows of {seg.model} -> {storage.join(out_dir, 'samples.parquet')} "
-            f"and grid.png")
+            f"and {' + '.join(pictures)}")

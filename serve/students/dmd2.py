@@ -114,10 +114,10 @@ class DMD2Student(StudentModel):
             from fabdistill.viz import png_bytes
 
             labels = np.full(request.n, request.class_)
-            img = class_grid(result, labels, self.pipeline.class_names, self.pipeline.domain,
+            fig = class_grid(result, labels, self.pipeline.class_names, self.pipeline.domain,
                              heading=f"DMD2 {request.steps}-step | {name} | seed {request.seed}",
-                             per_row=min(request.n, 16))
-            return Reply(200, png_bytes(img), "image/png")
+                             per_row=min(request.n, 16))  # a matplotlib Figure per call, all tiles on one axes
+            return Reply(200, png_bytes(fig, compress_level=1), "image/png")
         if self.pipeline.domain == "wafer":
             values, units = result[:, 0].astype(np.int64).tolist(), "0 no die / 1 pass / 2 fail"
         else:

@@ -203,7 +203,7 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
                               "held_out_seed": HELD_OUT_SEEDS[domain], "floor_seed": FLOOR_SEEDS[domain],
                               "targets": targets(rows, s.teacher_nfe)})
     if out_dir:
-        table.report_path = write_report(out_dir, table, samples, labels, first.class_names, domain)
+        table.report_path = write_report(out_dir, table, samples, labels, first.class_names, domain, checkpoints)
     return table
 
 
@@ -243,27 +243,22 @@ def _notes(rows: list[dict], n: int, domain: str) -> list[str]:
 
 
 def write_report(out_dir: str, table: EvalTable, samples: dict[str, np.ndarray], labels: np.ndarray,
-                 class_names: tuple[str, ...], domain: str) -> str:
-    """report.md, one class-grid picture per model (rows = classes) and metrics.json into out_dir."""
-    from fabdistill.viz import save_png
+                 class_names: tuple[str, ...], domain: str, checkpoints: dict[str, str] | None = None) -> str:
+    """report.md with the table, one class-grid figure per model (rows = classes; wafer maps in the off / pass /
+    fail palette, SEM images grey), training_curves.png from the checkpoints' metrics.jsonl, and metrics.json."""
+    from fabdistill.reports import run_curves
+    from fabdistill.reports import write_report as write
 
-    storage.makedirs(out_dir)
-    pictures = []
+    figures = {}
     for name, x in samples.items():
         if name == "real" or name.startswith("teacher Heun") or name.startswith("DMD2") or "1 NFE" in name:
-            file = "samples_" + "".join(ch if ch.isalnum() else "_" for ch in name.lower()) + ".png"
-            save_png(class_grid(x, labels, class_names, domain, heading=name), storage.join(out_dir, file))
-            pictures.append((name, file))
-    storage.write_bytes(storage.join(out_dir, "metrics.json"), table.to_json().encode())
-    text = ["# DMD2 evaluation", "", table.markdown(), "",
-            "- FID/KID: torch-fidelity with the project's domain feature extractor (metrics/weights/), lower is "
-            "better; compare with the floor row, not with 0.",
-            "- class fidelity: share of samples the domain classifier assigns to the requested class.",
-            "- images/s: sampling only, this process, the same batch for every model.", ""]
-    text += [f"![{name}]({file})" for name, file in pictures] + [""]
-    path = storage.join(out_dir, "report.md")
-    storage.write_bytes(path, "\n".join(text).encode())
-    return path
+            figures[f"samples {name}"] = class_grid(x, labels, class_names, domain, heading=name)
+    figures["training curves"] = run_curves(checkpoints or {})
+    notes = ["- FID/KID: torch-fidelity with the project's domain feature extractor (metrics/weights/), lower is "
+             "better; compare with the floor row, not with 0.",
+             "- class fidelity: share of samples the domain classifier assigns to the requested class.",
+             "- images/s: sampling only, this process, the same batch for every model."]
+    return write(out_dir, "DMD2 evaluation", table, figures, notes=notes)
 
 
 __all__ = ["EvalSettings", "FLOOR_ROW", "FLOOR_SEEDS", "HELD_OUT_SEEDS", "class_fidelity", "evaluate", "floor_set",

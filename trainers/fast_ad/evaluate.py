@@ -27,24 +27,25 @@ class EvalSettings:
 def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = None,
              out_dir: Optional[str] = None) -> EvalTable:
     """Top-1 of each checkpoint ({"student": path, "teacher": path}, either may be missing) on the same held-out
-    set, plus the student's agreement with the teacher's predictions; report.md in `out_dir` when given."""
-    from fabdistill import storage
+    set, plus the student's agreement with the teacher's predictions; report.md (confusion matrices, held-out
+    examples, training curves) in `out_dir` when given."""
     from fabdistill.inference.classifier import load_classifier, predict_logits
     from models.resnet_cifar import count_params
-    from trainers.classifier import heldout_tensors
+    from trainers.classifier import heldout_predictions, heldout_tensors, write_report
 
     settings = settings or EvalSettings()
     unknown = sorted(set(checkpoints) - set(ROLES))
     if unknown or not checkpoints:
         raise ValueError(f"fast_ad evaluates the roles {', '.join(ROLES)}; got {', '.join(unknown) or 'none'}")
     x, y = heldout_tensors(settings.uri, settings.split, settings.n, settings.seed, settings.size)
-    rows, predictions = [], {}
+    rows, predictions, metas = [], {}, []
     for role in ROLES:
         if role not in checkpoints:
             continue
         model, meta = load_classifier(checkpoints[role])
         logits = predict_logits(model, x, settings.batch_size)  # (N, K)
         predictions[role] = logits.argmax(1)
+        metas.append(meta)
         rows.append({"model": role, "arch": meta.get("arch"), "params": count_params(model),
                      "top1": float((predictions[role] == y).float().mean()), "checkpoint": checkpoints[role]})
     notes = [f"held-out set: {x.shape[0]} real maps " + (f"from {settings.uri} ({settings.split})" if settings.uri
@@ -61,7 +62,6 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
                                "checkpoint": ("checkpoint", "")},
                       rows=rows, notes=notes)
     if out_dir:
-        storage.makedirs(out_dir)
-        table.report_path = storage.join(out_dir, "report.md")
-        storage.write_bytes(table.report_path, (table.markdown() + "\n").encode())
+        table.report_path = write_report(out_dir, "Fast-AD evaluation", table,
+                                         heldout_predictions(x, y, predictions, metas), checkpoints)
     return table

@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fabdistill import storage
 from fabdistill.config import knob
-from fabdistill.inference.kdcddm import (MODELS, Segmenter, grey_grid, held_out_pairs, mask_overlay)
+from fabdistill.inference.kdcddm import MODELS, Segmenter, held_out_pairs
 from fabdistill.methods import EvalTable
 
 ROLES = ("run",) + MODELS
@@ -106,7 +105,7 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
                       notes=notes(rows, settings), extras={"n": settings.n, "domain": domain, "targets": targets(rows),
                                                            "batch_size": settings.batch_size})
     if out_dir:
-        table.report_path = write_report(out_dir, table, test, pictures)
+        table.report_path = write_report(out_dir, table, test, pictures, models)
     return table
 
 
@@ -144,25 +143,39 @@ def notes(rows: list[dict], settings: EvalSettings) -> list[str]:
     return lines
 
 
-def write_report(out_dir: str, table: EvalTable, test: dict, pictures: dict[str, dict[str, np.ndarray]]) -> str:
-    """report.md, examples.png (input | clean | true mask | per model: translation, score, pred vs true) and
-    metrics.json into out_dir."""
-    from fabdistill.viz import save_png
+def write_report(out_dir: str, table: EvalTable, test: dict, pictures: dict[str, dict[str, np.ndarray]],
+                 checkpoints: dict[str, str] | None = None) -> str:
+    """report.md with the table and figures (examples.png: the first k held-out inputs with the true mask outlined,
+    their clean twins, then per model the input with true and predicted outlines; translations.png; score_maps.png,
+    one colour range per model; training_curves.png from the phases' metrics.jsonl) and metrics.json."""
+    from fabdistill.inference.kdcddm import display_images
+    from fabdistill.reports import run_curves
+    from fabdistill.reports import write_report as write
+    from fabdistill.viz import score_maps, sem_images
 
-    storage.makedirs(out_dir)
-    k = 6
+    domain = table.extras["domain"]
+    k = min(6, test["defect"].shape[0])
+    defect, palette = display_images(test["defect"][:k, 0].numpy(), domain)
+    clean, _ = display_images(test["clean"][:k, 0].numpy(), domain)
     true = test["mask"][:k, 0].numpy() > 0.5
-    cols: list[tuple[str, np.ndarray]] = [("input", test["defect"][:k, 0].numpy()),
-                                          ("clean twin", test["clean"][:k, 0].numpy()), ("true mask", true)]
-    for model, pic in pictures.items():
-        if "translation" in pic:
-            cols.append((f"{model[:7]} out", pic["translation"]))
-        cols.append((f"score {model[:6]}", pic["score"]))
-        cols.append((f"{model[:7]} mask", mask_overlay(pic["pred"], true)))
-    save_png(grey_grid(cols, cell=48, heading="mask columns: white = hit, light = false alarm, dark = missed"),
-             storage.join(out_dir, "examples.png"))
-    storage.write_bytes(storage.join(out_dir, "metrics.json"), table.to_json().encode())
-    text = ["# KDCDDM evaluation", "", table.markdown(), "", "![examples](examples.png)", ""]
-    path = storage.join(out_dir, "report.md")
-    storage.write_bytes(path, "\n".join(text).encode())
-    return path
+    none = np.zeros_like(true)
+    models = list(pictures)
+    examples = sem_images(np.concatenate([defect, clean] + [defect] * len(models)),
+                          np.concatenate([true, none] + [true] * len(models)),
+                          np.concatenate([none, none] + [pictures[m]["pred"][:k] for m in models]),
+                          columns=k, row_labels=["input", "clean twin"] + [LABELS[m].split(" (")[0] for m in models],
+                          heading="held-out inputs: true defect mask and each model's predicted mask (at its "
+                                  "threshold)", palette=palette)
+    translating = [m for m in models if "translation" in pictures[m]]
+    translations = None
+    if translating:
+        shown = np.concatenate([display_images(pictures[m]["translation"][:k], domain)[0] for m in translating])
+        translations = sem_images(shown, columns=k, row_labels=[LABELS[m].split(" (")[0] for m in translating],
+                                  heading="translations (defect → clean) of the same inputs", palette=palette)
+    thresholds = {r["model"]: r["threshold"] for r in table.rows}
+    scores = score_maps(np.concatenate([pictures[m]["score"][:k] for m in models]), columns=k, per_row=True,
+                        row_labels=[f"{m} (thr {thresholds[m]:.3g})" for m in models],
+                        heading="defect score maps (one colour range per model)")
+    figures = {"examples": examples, "translations": translations, "score maps": scores,
+               "training curves": run_curves(checkpoints or {})}
+    return write(out_dir, "KDCDDM evaluation", table, figures)
