@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make demo VERBOSE=1` shows Ray's own logs too (they always go to runs/demo/console.log)
 demo: $(STAMP)
-	$(PY) -m apps.demo $(DEMO_ARGS)
+	$(PY) -m apps.demo $(if $(VERBOSE),--verbose) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

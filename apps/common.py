@@ -18,6 +18,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--help-config", action="store_true", help="list every knob with its default and range")
 
 
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs (INFO lines, worker output, Ray Data progress) on the console; "
+                             "they always go to <run folder>/console.log. Sets FABDISTILL_VERBOSE=1")
+
+
+def apply_verbose(args: argparse.Namespace) -> None:
+    """--verbose: set FABDISTILL_VERBOSE before Ray starts, so that Ray's processes see it too."""
+    if getattr(args, "verbose", False):
+        from fabdistill.console import set_verbose
+
+        set_verbose(True)
+
+
 def method_parser(prog: str, doc: str, capability: str) -> argparse.ArgumentParser:
     """A parser whose first argument is a registered method; --help lists the methods that can `capability`."""
     from fabdistill.methods import describe_methods, method_names

@@ -16,6 +16,9 @@ Ray Tune sweeps over a trainer (Tune over Ray Train V2). Examples:
 
 Runs on the embedded local Ray, or on a cluster under
 `ray job submit --working-dir . -- python -m apps.sweep ...`. Results land in <storage>/<name>/ (docs/tune.md).
+The console shows one line per trial event; `--verbose` shows Tune's tables and Ray's logs instead. The sweep's
+console.log is in its folder; every trial's run folder has its own, and TensorBoard event files
+(`tensorboard --logdir <storage>/<name>/trials`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from apps.common import run_cli
+from apps.common import add_verbose_arg, apply_verbose, run_cli
 from fabdistill.config import ConfigError, dump_yaml, from_dict, read_yaml
 
 
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", metavar="PREFIX",
                         help="also write PREFIX.json and PREFIX.md (e.g. benchmarks/results/tune_ikddit_mask)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved sweep and exit (no Ray)")
+    add_verbose_arg(parser)
     return parser
 
 
@@ -97,6 +101,7 @@ def sweep_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    apply_verbose(args)
 
     def go() -> None:
         from tune.launcher import axes_of, check_sweep, run_sweep, sweep_dir
@@ -115,11 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         import time
 
         from fabdistill import storage
+        from fabdistill.console import log_to
         from trainers.launch import ensure_ray
 
         ensure_ray(args.num_cpus)
         t0 = time.perf_counter()
-        outcome = run_sweep(sweep, resume=args.resume)
+        with log_to(storage.join(sweep_dir(sweep), "console.log")):  # the trials' own: in their run folders
+            outcome = run_sweep(sweep, resume=args.resume)
         wall_s = time.perf_counter() - t0
         print(storage.read_bytes(outcome.files["results_md"]).decode())
         print(f"results: {outcome.sweep_dir} ({wall_s / 60:.1f} min)")

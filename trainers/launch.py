@@ -8,6 +8,8 @@ Run folder layout (``<storage_path>/<name>/``, local or ``s3://``)::
 
     config.yaml               the resolved config of the run
     metrics.jsonl             one JSON object per report (rank 0)
+    events.out.tfevents.*     the same metrics for TensorBoard (rank 0; run.tensorboard, local storage)
+    console.log               everything the phase printed, Ray's workers' output included (fabdistill/console.py)
     checkpoint_step_000100/   Ray Train checkpoints: state.pt (state dicts, loaded with weights_only=True) + meta.json
     model/                    a copy of the final checkpoint, what apps/sample and serve/ load
 """
@@ -16,17 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from fabdistill import storage
+from fabdistill import console, storage
 from fabdistill.config import knob
 from fabdistill.seeding import derive_seed
 
@@ -48,21 +53,31 @@ class RunSection:
     seed: int = knob(0, ge=0, help="global seed; workers offset it by their rank")
     crash_after_step: int = knob(-1, ge=-1, help="fault injection for testing recovery: every worker exits right "
                                                  "after the checkpoint of this step, once (-1: off)")
+    tensorboard: bool = knob(True, help="also write the metrics as TensorBoard event files in the run folder "
+                                        "(rank 0; local storage only: skipped with a note on s3://)")
 
 
 # --------------------------------------------------------------------------- driver side
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`) or start an embedded local Ray."""
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`) or start an embedded local Ray.
+
+    Quiet unless verbose (fabdistill/console.py): Ray's INFO lines and its workers' output go to the log files
+    only. A Ray someone else initialised is left as it is."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    console.ray_env_defaults()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus)
+    address = os.environ.get("RAY_ADDRESS")
+    context = ray.init(**console.ray_init_kwargs()) if address else ray.init(num_cpus=num_cpus,
+                                                                            **console.ray_init_kwargs())
+    console.route_worker_logs()
+    if not console.verbose():
+        cpus = ray.cluster_resources().get("CPU", 0)
+        dashboard = getattr(context, "dashboard_url", None)
+        console.say(f"[ray] {'connected to ' + address if address else 'started a local Ray'} ({cpus:g} CPUs"
+                    + (f", dashboard http://{dashboard}" if dashboard else "") + "; --verbose shows its logs)")
 
 
 def run_dir(run: RunSection) -> str:
@@ -94,6 +109,8 @@ def launch(
     full_config: Any = None,
     raise_on_error: bool = True,
     extra_callbacks: Optional[list] = None,
+    total_steps: Optional[int] = None,
+    samples_per_step: Optional[int] = None,
 ) -> TrainOutcome:
     """Run `loop(loop_config)` on `run.num_workers` DDP workers; resume if `run.name` already has checkpoints.
 
@@ -101,17 +118,59 @@ def launch(
     metrics, resume and fault injection: what a benchmark or a debugger runs is what trains on the cluster.
     `datasets` maps names to Parquet URIs (local or s3://); workers read them through Ray Data shards
     (`TrainSession.dataset(name)`). `full_config` (a config dataclass) is saved as config.yaml in the run folder.
+    The console shows a progress bar and milestone lines (fabdistill/console.py); `total_steps` (the last step)
+    and `samples_per_step` (the global batch) size the bar, read from `loop_config` when not given
+    (:func:`progress_plan`). Everything printed meanwhile also goes to <run folder>/console.log.
     """
     out_dir = run_dir(run)
     storage.makedirs(out_dir)
+    with console.log_to(storage.join(out_dir, "console.log")):
+        return _launch_phase(loop, loop_config, run, out_dir, datasets, full_config, raise_on_error,
+                             extra_callbacks, total_steps, samples_per_step)
+
+
+def _launch_phase(loop: Callable[[dict], Any], loop_config: dict, run: RunSection, out_dir: str,
+                  datasets: Optional[dict[str, str]], full_config: Any, raise_on_error: bool,
+                  extra_callbacks: Optional[list], total_steps: Optional[int],
+                  samples_per_step: Optional[int]) -> TrainOutcome:
     if full_config is not None:
         from fabdistill.config import save_config
         save_config(full_config, storage.join(out_dir, "config.yaml"))
     worker_config = {"loop_config": loop_config, "run": dataclasses.asdict(run), "run_dir": out_dir,
-                     "datasets": dict(datasets or {})}
-    if run.num_workers == 0:
-        return _launch_in_process(loop, worker_config, run, out_dir, raise_on_error, extra_callbacks)
+                     "datasets": dict(datasets or {}), "verbose": console.verbose()}
+    latest = latest_checkpoint(out_dir)
+    start = checkpoint_step(latest) if latest is not None else 0
+    # What rank 0 does when it starts (drop rows after the checkpoint it resumes from), done here first so that
+    # the progress monitor starts from the file the run continues.
+    truncate_metrics(storage.join(out_dir, "metrics.jsonl"), start)
+    plan_total, plan_batch = progress_plan(loop_config, run)
+    total, per_step = total_steps or plan_total, samples_per_step or plan_batch
+    where = (f"{run.num_workers} Ray Train worker{'s' if run.num_workers > 1 else ''}" if run.num_workers
+             else "in-process (no Ray)")
+    data = ", ".join(f"{k} {v}" for k, v in (datasets or {}).items())
+    console.say(f"[{run.name}] {where}" + (f", {total} steps" if total else "") + (f"; data: {data}" if data else "")
+                + f"; run folder {out_dir}")
+    if latest is not None:
+        console.say(f"[{run.name}] resuming from step {start} ({latest})")
+    monitor = _PhaseMonitor(run.name, out_dir, total, start, per_step)
+    try:
+        if run.num_workers == 0:
+            outcome = _launch_in_process(loop, worker_config, run, out_dir, raise_on_error, extra_callbacks,
+                                         monitor)
+        else:
+            outcome = _launch_ray(loop, worker_config, run, out_dir, datasets, raise_on_error, extra_callbacks,
+                                  monitor)
+    finally:
+        monitor.stop()
+    if outcome.error is None:
+        last = f"step {monitor.progress.step}" + (f"/{total}" if total else "")
+        console.say(f"[{run.name}] done at {last}; model: {outcome.checkpoint_dir or '(no checkpoint)'}")
+    return outcome
 
+
+def _launch_ray(loop: Callable[[dict], Any], worker_config: dict, run: RunSection, out_dir: str,
+                datasets: Optional[dict[str, str]], raise_on_error: bool, extra_callbacks: Optional[list],
+                monitor: "_PhaseMonitor") -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -119,6 +178,12 @@ def launch(
     ray_datasets = None
     if datasets:
         from data.parquet_io import ray_dataset
+
+        if not console.verbose():
+            # The datasets carry this context to Train's split coordinator, on whichever node it runs.
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
         ray_datasets = {name: ray_dataset(uri) for name, uri in datasets.items()}
 
     trainer = TorchTrainer(
@@ -139,6 +204,7 @@ def launch(
     )
     error: Optional[BaseException] = None
     result = None
+    monitor.start()
     try:
         result = trainer.fit()
         error = result.error
@@ -163,13 +229,14 @@ def _finish(run: RunSection, out_dir: str, checkpoint_dir: Optional[str], metric
 
 
 def _launch_in_process(loop: Callable[[dict], Any], worker_config: dict, run: RunSection, out_dir: str,
-                       raise_on_error: bool, callbacks: Optional[list]) -> TrainOutcome:
+                       raise_on_error: bool, callbacks: Optional[list], monitor: "_PhaseMonitor") -> TrainOutcome:
     """num_workers=0: the loop in this process, restarted up to run.max_failures times like a worker group."""
     if callbacks:
         raise ValueError("run.num_workers=0 runs without Ray Train, so Ray Train callbacks (a Tune sweep) cannot "
                          "attach; use run.num_workers >= 1")
     failures = 0
     error: Optional[BaseException] = None
+    monitor.start()
     while True:
         session = TrainSession(worker_config, local=True)
         TrainSession._current = session
@@ -182,10 +249,11 @@ def _launch_in_process(loop: Callable[[dict], Any], worker_config: dict, run: Ru
             if run.max_failures != -1 and failures >= run.max_failures:
                 break
             failures += 1
-            print(f"[{run.name}] in-process run failed ({type(exc).__name__}: {exc}); restart {failures} "
-                  f"from the latest checkpoint", flush=True)
+            console.say(f"[{run.name}] in-process run failed ({type(exc).__name__}: {exc}); restart {failures} "
+                        f"from the latest checkpoint")
         finally:
             TrainSession._current = None
+            session.close()
     latest = latest_checkpoint(out_dir)
     checkpoint_dir = metrics = None
     if latest is not None:
@@ -201,6 +269,144 @@ def _launch_in_process(loop: Callable[[dict], Any], worker_config: dict, run: Ru
     return _finish(run, out_dir, checkpoint_dir, metrics, error, raise_on_error)
 
 
+# --------------------------------------------------------------------------- driver side: progress
+
+_PHASE_SECTIONS = ("section", "trainer", "train", "optim")  # where methods keep a phase's steps, besides its name
+
+
+def progress_plan(loop_config: dict, run: RunSection) -> tuple[Optional[int], Optional[int]]:
+    """(last step, global samples per step) of a phase, read where our methods keep them: `steps`, or `epochs`
+    × `steps_per_epoch`, and `batch_size` (per worker), in the section named like the run's suffix
+    (run ikddit-tiny-teacher: loop_config["teacher"]), a conventional section (`section`, `trainer` ...), the top
+    level, or the one nested section with steps. (None, None) where none says; the bar then shows no ETA."""
+    def count(value: Any) -> Optional[int]:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    names = (run.name.rsplit("-", 1)[-1], *_PHASE_SECTIONS)
+    sections = [loop_config[n] for n in names if isinstance(loop_config.get(n), dict)] + [loop_config]
+    nested = [v for v in loop_config.values() if isinstance(v, dict) and ("steps" in v or "epochs" in v)]
+    if len(nested) == 1:
+        sections.append(nested[0])
+    total = batch = None
+    for section in sections:
+        if total is None:
+            epochs, per_epoch = count(section.get("epochs")), count(section.get("steps_per_epoch",
+                                                                                 loop_config.get("steps_per_epoch")))
+            total = count(section.get("steps")) or (epochs * per_epoch if epochs and per_epoch else None)
+        if batch is None:
+            batch = count(section.get("batch_size"))
+    return total, batch * max(1, run.num_workers) if batch else None
+
+
+def checkpoint_step(checkpoint_dir: str) -> int:
+    """The step in a checkpoint_step_N folder's name."""
+    return int(checkpoint_dir.rstrip("/").rsplit("_", 1)[-1])
+
+
+class _MetricsTail:
+    """New rows of a metrics.jsonl since the last read: locally from a byte offset, on S3 by re-reading the
+    (small) object. `cut` tells that the file shrank in between (rank 0 truncated it on a restart)."""
+
+    def __init__(self, uri: str):
+        self.uri, self.local = uri, not storage.is_s3(uri)
+        self.offset = self.count = 0
+        self.read()  # what is there already is the past
+
+    def read(self) -> tuple[list[dict], bool]:
+        if self.local:
+            try:
+                size = os.path.getsize(self.uri)
+            except FileNotFoundError:
+                size = 0
+            cut = size < self.offset
+            if cut:
+                self.offset = 0
+            if size == self.offset:
+                return [], cut
+            with open(self.uri, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            data = data[:data.rfind(b"\n") + 1]  # a line being written waits for the next read
+            self.offset += len(data)
+            return _parse_rows(data), cut
+        rows = _parse_rows(storage.read_bytes(self.uri)) if storage.exists(self.uri) else []
+        cut = len(rows) < self.count
+        new = rows if cut else rows[self.count:]
+        self.count = len(rows)
+        return new, cut
+
+
+def _parse_rows(data: bytes) -> list[dict]:
+    rows = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            if line.strip():
+                rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+    return rows
+
+
+class _PhaseMonitor:
+    """The progress bar and milestone lines of one phase, fed by a driver thread while trainer.fit() (or the
+    in-process loop) blocks. Under Ray Train rank 0 runs in another process, maybe on another node: what the
+    driver can see is what it writes to the run folder (metrics.jsonl, checkpoint folders), local or S3."""
+
+    def __init__(self, name: str, out_dir: str, total: Optional[int], start: int, samples_per_step: Optional[int]):
+        self.name, self.out_dir = name, out_dir
+        self.progress = console.PhaseProgress(name, total, initial=start, samples_per_step=samples_per_step)
+        self._tail = _MetricsTail(storage.join(out_dir, "metrics.jsonl"))
+        self._checkpoints = set(list_checkpoints(out_dir))
+        self._last_elapsed = -math.inf  # rank 0's clock of the latest row: it starts again on a restart
+        self._interval = 5.0 if storage.is_s3(out_dir) else 0.5
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"progress-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            rows, cut = self._tail.read()
+            checkpoints = list_checkpoints(self.out_dir)
+        except (OSError, ValueError):  # a transient storage error: the next poll reads again
+            return
+        steps = sorted(checkpoint_step(c) for c in checkpoints)
+        first_elapsed = rows[0].get("elapsed_s") if rows else None
+        if cut or (isinstance(first_elapsed, (int, float)) and first_elapsed < self._last_elapsed):
+            # A restarted worker group (or in-process attempt) resumes from the latest checkpoint before its rows.
+            first = int(rows[0]["step"]) if rows else math.inf
+            resumed = max((s for s in steps if s < first), default=0)
+            console.say(f"[{self.name}] restarted: resuming from step {resumed}")
+            rows = [r for r in rows if int(r.get("step", 0)) > resumed]
+        saved = [c for c in checkpoints if c not in self._checkpoints]  # oldest first
+        self._checkpoints = set(checkpoints)
+        for row in rows:
+            self.progress.update(row)
+            while saved and checkpoint_step(saved[0]) <= self.progress.step:
+                self._saved(saved.pop(0))
+        for path in saved:
+            self._saved(path)
+        if rows and isinstance(rows[-1].get("elapsed_s"), (int, float)):
+            self._last_elapsed = rows[-1]["elapsed_s"]
+
+    def _saved(self, path: str) -> None:
+        console.say(f"[{self.name}] checkpoint saved: step {checkpoint_step(path)} -> {path}")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.poll()
+        self.progress.close()
+
+
 def export_checkpoint(src: str, dest: str) -> None:
     """Copy a local checkpoint folder to `dest` (local or s3://), replacing what was there atomically on disk."""
     if storage.is_s3(dest):
@@ -214,6 +420,9 @@ def export_checkpoint(src: str, dest: str) -> None:
         os.replace(tmp, dest)
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint_step_\d+")
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_step_{step:07d}"
 
@@ -222,7 +431,8 @@ def list_checkpoints(out_dir: str) -> list[str]:
     """The run folder's checkpoint_step_* folders, oldest first."""
     if not storage.exists(out_dir):
         return []
-    names = sorted(n for n in storage.listdir(out_dir) if n.startswith("checkpoint_step_"))
+    # exact names only: export_checkpoint's checkpoint_step_N.tmp is a folder being written
+    names = sorted(n for n in storage.listdir(out_dir) if _CHECKPOINT_NAME.fullmatch(n))
     return [storage.join(out_dir, n) for n in names if storage.exists(storage.join(out_dir, n, STATE_FILE))]
 
 
@@ -244,8 +454,11 @@ def write_checkpoint(out_dir: str, step: int, state: dict, meta: dict, num_to_ke
 
 def _worker_entry(loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     def train_loop_per_worker(worker_config: dict) -> Any:
-        TrainSession._current = TrainSession(worker_config)
-        return loop(worker_config["loop_config"])
+        session = TrainSession._current = TrainSession(worker_config)
+        try:
+            return loop(worker_config["loop_config"])
+        finally:
+            session.close()
 
     return train_loop_per_worker
 
@@ -278,8 +491,10 @@ class TrainSession:
             self.rank = ctx.get_world_rank()
             self.world_size = ctx.get_world_size()
             self.device = ray.train.torch.get_device()
+        self.verbose = bool(worker_config.get("verbose", False))
         self.metrics_uri = storage.join(self.run_dir, "metrics.jsonl")
         self._metric_lines: Optional[list[str]] = None
+        self._tensorboard: Any = None  # SummaryWriter, made at the first report; False: not written
         self._t0 = time.time()
         self._restored: Optional[tuple[dict, dict]] = None
         self._restored_step: Optional[int] = None
@@ -288,7 +503,7 @@ class TrainSession:
         if self.is_main:
             # Rows written after the checkpoint we resume from (or by a run that never checkpointed) are replayed
             # by this attempt: drop them so that metrics.jsonl holds every step once.
-            self._truncate_metrics(self._checkpoint_step())
+            self._metric_lines = truncate_metrics(self.metrics_uri, self._checkpoint_step())
 
     @classmethod
     def current(cls) -> "TrainSession":
@@ -377,8 +592,16 @@ class TrainSession:
         """(state, meta) of the latest checkpoint of this run, or None on a fresh start."""
         restored = self._read_checkpoint()
         if restored is not None and self.is_main:
-            print(f"[{self.run.name}] resuming from step {self._restored_step}", flush=True)
+            self._say(f"[{self.run.name}] rank 0 restored the checkpoint of step {self._restored_step}")
         return restored
+
+    def _say(self, line: str) -> None:
+        """A worker's line: a Ray worker prints it (its output reaches the driver's log, and its console when
+        verbose); in-process it goes to the log only unless verbose (the driver's bar shows the progress)."""
+        if self.local and not self.verbose:
+            console.log_only(line)
+        else:
+            print(line, flush=True)
 
     def report(self, metrics: dict, *, step: int, state: Optional[dict | Callable[[], dict]] = None,
                meta: Optional[dict] = None) -> None:
@@ -392,7 +615,7 @@ class TrainSession:
         if self.is_main:
             self._write_metrics(metrics)
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[{self.run.name}] {shown}", flush=True)
+            self._say(f"[{self.run.name}] {shown}")
         if state is None:
             if not self.local:
                 import ray.train
@@ -429,26 +652,67 @@ class TrainSession:
         sys.stdout.flush()
         os._exit(1)
 
-    def _truncate_metrics(self, max_step: int) -> None:
-        if not storage.exists(self.metrics_uri):
-            return
-        lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                if line.strip() and json.loads(line).get("step", 0) <= max_step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut by a crash mid-write
-                continue
-        if len(kept) != len(lines):
-            storage.write_bytes(self.metrics_uri, "".join(line + "\n" for line in kept).encode())
-        self._metric_lines = kept
-
     def _write_metrics(self, metrics: dict) -> None:
         if self._metric_lines is None and storage.is_s3(self.metrics_uri):
             self._metric_lines = (storage.read_bytes(self.metrics_uri).decode().splitlines()
                                   if storage.exists(self.metrics_uri) else [])
         append_jsonl(self.metrics_uri, metrics, self._metric_lines)
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            step = int(metrics["step"])
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):  # bool is an int: 0/1
+                    writer.add_scalar(key, float(value), global_step=step)
+            writer.flush()  # a worker may exit abruptly (failures, fault injection): keep what was reported
+
+    def _tensorboard_writer(self) -> Any:
+        """Rank 0's SummaryWriter on the run folder, made once; None where TensorBoard is off or unavailable.
+
+        A resumed run purges the steps after its checkpoint (purge_step): like metrics.jsonl, TensorBoard then
+        shows each step once, as this attempt reports it."""
+        if self._tensorboard is None:
+            self._tensorboard = False
+            if not self.run.tensorboard:
+                return None
+            if storage.is_s3(self.run_dir):
+                self._say(f"[{self.run.name}] TensorBoard: not written for s3:// run folders (metrics.jsonl has "
+                          f"every value); use a local storage_path to get event files")
+                return None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                self._say(f"[{self.run.name}] TensorBoard: not written ({exc}); pip install 'tensorboard>=2.16'")
+                return None
+            earlier = any("tfevents" in name for name in os.listdir(self.run_dir))
+            purge = self._checkpoint_step() + 1 if earlier else None
+            self._tensorboard = SummaryWriter(log_dir=self.run_dir, purge_step=purge)
+        return self._tensorboard or None
+
+    def close(self) -> None:
+        """Flush and close what the session holds open (the TensorBoard writer)."""
+        if self._tensorboard:
+            self._tensorboard.close()
+        self._tensorboard = False
+
+
+def truncate_metrics(uri: str, max_step: int) -> list[str]:
+    """Drop the rows of a metrics.jsonl after `max_step` (and lines cut by a crash); returns the rows kept.
+
+    Rows written after the checkpoint a run resumes from (or by a run that never checkpointed) are replayed by
+    the next attempt: without them metrics.jsonl holds every step once."""
+    if not storage.exists(uri):
+        return []
+    lines = storage.read_bytes(uri).decode().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+    if len(kept) != len(lines):
+        storage.write_bytes(uri, "".join(line + "\n" for line in kept).encode())
+    return kept
 
 
 def append_jsonl(uri: str, row: dict, lines: Optional[list[str]] = None) -> None:

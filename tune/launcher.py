@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from fabdistill import storage
+from fabdistill import console, storage
 from fabdistill.config import ConfigError, dump_yaml, from_dict, knob, load_config, read_yaml, section, to_dict
 from tune.spaces import (Axis, MethodSpace, ScoreSettings, describe_axes, get_space, parse_axis, trial_config,
                          validate_space)
@@ -140,6 +140,37 @@ def check_sweep(sweep: SweepConfig) -> Any:
     user_cfg = load_config(config_class(sweep.method), sweep.config or None, sweep.overrides)
     validate_space(space, to_dict(user_cfg), axes)
     return user_cfg
+
+
+def _console_callbacks(space: MethodSpace, knobs: list[str]) -> list:
+    """Quiet mode's Tune output: one line when a trial starts, finishes (with its score) or fails. Verbose mode
+    keeps Tune's own status tables (RunConfig verbose=2) and adds nothing."""
+    if console.verbose():
+        return []
+    from ray.tune import Callback
+
+    score_name = space.score_name  # what the class closes over is pickled into the sweep's state: keep it small
+
+    class TrialLines(Callback):
+        def _label(self, trial: Any) -> str:
+            point = ", ".join(f"{k}={trial.config.get(k)}" for k in knobs)
+            return f"[sweep] trial {trial.trial_id} ({point})"
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            console.say(f"{self._label(trial)} started ({sum(t.status == 'RUNNING' for t in trials)} running)")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            score = result.get(score_name)
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            what = (f"{score_name} {score:.4g}" if isinstance(score, (int, float)) and result.get("scored")
+                    else f"stopped at step {result.get('step', '?')}")
+            console.say(f"{self._label(trial)} finished: {what} ({done}/{len(trials)} done)")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            console.say(f"{self._label(trial)} failed; its error is in results.md and the trial's folder")
+
+    return [TrialLines()]
 
 
 def _trainable(context: dict, trial_cpus: float) -> Any:
@@ -267,7 +298,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: Optional[l
                 reuse_actors=False,  # a stopped trial's actor (and the Train run it owns) must go away
             ),
             run_config=ray_tune.RunConfig(name=TUNE_DIR, storage_path=folder_fs_path, storage_filesystem=fs,
-                                          verbose=1, callbacks=callbacks,
+                                          # quiet: one line per trial event instead of Tune's tables
+                                          verbose=2 if console.verbose() else 0,
+                                          callbacks=[*(callbacks or []), *_console_callbacks(space, list(axes))],
                                           failure_config=ray_tune.FailureConfig(max_failures=0)),
         )
     tuner.fit()  # trial failures do not raise: they become rows with status "error"
