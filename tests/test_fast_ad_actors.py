@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 

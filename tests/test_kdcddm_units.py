@@ -11,7 +11,7 @@ import torch
 from models.diffusion import GaussianDiffusion
 from models.gan import (DISCRIMINATOR_SIZES, GENERATOR_SIZES, build_conditional_unet, build_discriminator,
                         build_generator, conditional_unet_from_meta, discriminator_from_meta, generator_from_meta)
-from models.vae import VAE_SIZES, build_vae, count_params, vae_from_meta
+from models.vae import build_vae, count_params, vae_from_meta
 from trainers.kdcddm.losses import (conditional_diffusion_loss, discriminator_loss, kl_to_standard_normal,
                                     student_loss, vae_loss)
 

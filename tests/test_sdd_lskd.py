@@ -264,7 +264,6 @@ def test_two_worker_ray_run_of_a_distilled_student_checkpoints_and_resumes_after
 
 def test_sweep_space_trains_the_teacher_once_and_scores_held_out_top1(tmp_path):
     from tune.spaces import ScoreSettings, get_space
-    from trainers import sdd_lskd
 
     space = get_space("sdd_lskd")
     assert space.score_mode == "max" and {"alpha", "beta", "T", "base_temperature", "M", "warmup"} <= set(space.knobs)
