@@ -107,7 +107,9 @@ def test_classifier_trains_in_process_and_method_evaluate_gives_a_top1_table(tmp
     assert isinstance(table, EvalTable) and "top-1" in table.markdown()
     row = table.row("model")
     assert 0.0 <= row["top1"] <= 1.0 and row["images_per_s"] > 0 and row["arch"] == "tiny"
-    assert (tmp_path / "eval" / "report.md").read_text().startswith("**Held-out top-1 (40 generated wafer maps")
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert report.startswith("# Classifier evaluation") and "**Held-out top-1 (40 generated wafer maps" in report
+    assert table.markdown().split("\n", 1)[1].strip() in report  # the same table, then its figures
     # the same number as the trainer's own held-out evaluation, when the settings match the run's held-out set
     again = method.get("evaluate")({"model": outcome.run_dir}, method.EvalSettings(n=32, size=16), None)
     assert again.row("model")["top1"] == pytest.approx(rows[-1]["heldout_top1"])
