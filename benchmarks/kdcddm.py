@@ -2,7 +2,7 @@
 supervised baselines), then evaluate them side by side on held-out SEM images with thresholds from the validation
 split, and check the issue's targets.
 
-    nice -n 5 .venv/bin/python benchmarks/kdcddm.py                       # configs/kdcddm_tiny.yaml, n = 500
+    nice -n 5 .venv/bin/python benchmarks/kdcddm.py                       # configs/kdcddm_bench.yaml, n = 500
     .venv/bin/python benchmarks/kdcddm.py --config configs/kdcddm.yaml --n 2000 --set run.num_workers=2
 
 Training runs in-process by default (run.num_workers=0: the same loops, checkpoints and resume as on Ray Train,
@@ -28,7 +28,7 @@ from benchmarks._common import RESULTS, write_results  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/kdcddm_tiny.yaml")
+    parser.add_argument("--config", default="configs/kdcddm_bench.yaml")
     parser.add_argument("--n", type=int, default=500, help="held-out test images")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, every model")
     parser.add_argument("--storage", default="", help="run storage (default: a temporary folder)")
