@@ -24,6 +24,7 @@ fabdistill.inference.classifier.load_classifier.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Optional
@@ -191,12 +192,15 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               label_smoothing: float = 0.0) -> tuple[float, int]:
+               label_smoothing: float = 0.0, amp: Optional[contextlib.AbstractContextManager] = None
+               ) -> tuple[float, int]:
     """One optimiser step of cross-entropy on (x (B, C, H, W), y (B,)) at the optimiser's current lr;
-    returns (loss, number of correct predictions in the batch). Shared by every classification trainer."""
+    returns (loss, number of correct predictions in the batch). Shared by every classification trainer.
+    `amp`: the context of the forward pass and loss (a loop passes `TrainSession.autocast()`); None: float32."""
     model.train()
-    logits = model(x)  # (B, K)
-    loss = classification_loss(logits, y, label_smoothing)
+    with amp if amp is not None else contextlib.nullcontext():
+        logits = model(x)  # (B, K)
+        loss = classification_loss(logits, y, label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -376,7 +380,7 @@ def loop(config: dict) -> None:
                 x = random_dihedral(x, gen)
             step += 1
             set_lr(opt, lr_at(step, total, config["lr"], warmup_steps=config["warmup_steps"]))
-            loss, ok = train_step(model, opt, x.to(sess.device), y.to(sess.device), config["label_smoothing"])
+            loss, ok = train_step(model, opt, *sess.to_device((x, y)), config["label_smoothing"], sess.autocast())
             sums = [sums[0] + loss * y.shape[0], sums[1] + ok, sums[2] + y.shape[0]]
         loss_sum, correct, seen = sess.all_reduce_mean(sums)  # means of sums: their ratios are global
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1e-12),

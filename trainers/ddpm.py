@@ -21,6 +21,7 @@ Exported checkpoint (`<run>/model/`): state["ema"] (and "model"), meta {"kind": 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Any, Optional
@@ -55,11 +56,13 @@ assert len(PRIOR_CLASS_WEIGHTS) == NUM_WAFER_CLASSES
 
 def ddpm_step(model: nn.Module, ema: Optional[nn.Module], opt: torch.optim.Optimizer, diffusion: GaussianDiffusion,
               x0: Tensor, ema_decay: float, grad_clip: float, gen: Optional[torch.Generator] = None,
-              step: Optional[int] = None) -> float:
+              step: Optional[int] = None, amp: Optional[contextlib.AbstractContextManager] = None) -> float:
     """One optimisation step of L_simple on a batch x0 (B, C, H, W) in [−1, 1] at the optimiser's current lr;
-    t and ε are drawn with `gen`; `step` (1-based) drives the EMA's warm-up. Returns the loss."""
+    t and ε are drawn with `gen`; `step` (1-based) drives the EMA's warm-up; `amp` is the context of the forward
+    pass and loss (`TrainSession.autocast()`; None: float32). Returns the loss."""
     model.train()
-    loss = diffusion.training_loss(model, x0, generator=gen).mean()  # per-sample (B,) → scalar
+    with amp if amp is not None else contextlib.nullcontext():
+        loss = diffusion.training_loss(model, x0, generator=gen).mean()  # per-sample (B,) → scalar
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -194,8 +197,8 @@ def loop(config: dict) -> None:
         step += 1
         set_lr(opt, lr_at(step, config["steps"], config["lr"], warmup_steps=config["warmup_steps"],
                           schedule=config["lr_schedule"]))
-        means.add({"loss": ddpm_step(model, ema, opt, diffusion, x.to(sess.device), config["ema_decay"],
-                                     config["grad_clip"], noise_gen, step)})
+        means.add({"loss": ddpm_step(model, ema, opt, diffusion, sess.to_device(x), config["ema_decay"],
+                                     config["grad_clip"], noise_gen, step, sess.autocast())})
         if cadence.report(step):
             (loss,) = sess.all_reduce_mean([means.pop()["loss"]])
             sess.report({"loss": loss, "lr": opt.param_groups[0]["lr"]}, step=step,

@@ -184,9 +184,9 @@ class TeacherObjective(nn.Module):
 
 # --------------------------------------------------------------------------- per-worker loops
 
-def _prepare_batch(batch: dict, scale_nm: float, device: torch.device) -> tuple[torch.Tensor, ...]:
-    x0 = (batch["overlay"] / scale_nm).to(device)
-    return x0, batch["log"].to(device), batch["equipment_id"].to(device), batch["valid"].to(device)
+def _prepare_batch(batch: dict, scale_nm: float, sess: TrainSession) -> tuple[torch.Tensor, ...]:
+    """(x0, log, equipment_id, valid) on the worker's device (pinned, asynchronous copies on CUDA)."""
+    return sess.to_device((batch["overlay"] / scale_nm, batch["log"], batch["equipment_id"], batch["valid"]))
 
 
 def teacher_loop(config: dict) -> None:
@@ -214,11 +214,13 @@ def teacher_loop(config: dict) -> None:
     cadence = Cadence(tc["log_every"], tc["checkpoint_every"], tc["steps"])
     running = RunningMeans()
     for step in range(start + 1, tc["steps"] + 1):
-        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
+        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess)
         t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
         noise = torch.randn(x0.shape, generator=gen).to(sess.device)
-        terms = model(x0, log, eid, t, noise, diffusion, model_cfg["prediction"], valid, tc["infonce_temperature"])
-        loss = terms["loss_dsm"] + tc["infonce_weight"] * terms["loss_infonce"]
+        with sess.autocast():  # run.precision: bf16 on CUDA, else a no-op
+            terms = model(x0, log, eid, t, noise, diffusion, model_cfg["prediction"], valid,
+                          tc["infonce_temperature"])
+            loss = terms["loss_dsm"] + tc["infonce_weight"] * terms["loss_infonce"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc["grad_clip"] > 0:
@@ -274,29 +276,35 @@ def student_loop(config: dict) -> None:
     cadence = Cadence(sc["log_every"], sc["checkpoint_every"], sc["steps"])
     running = RunningMeans()
     for step in range(start + 1, sc["steps"] + 1):
-        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess.device)
+        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess)
         t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
         noise = torch.randn(x0.shape, generator=gen).to(sess.device)
         x_t = diffusion.q_sample(x0, t, noise)
-        with torch.no_grad():
+        with torch.no_grad(), sess.autocast():  # run.precision: bf16 on CUDA, else a no-op (every forward below)
             cond = embedding(log, eid)
             teacher_out, teacher_tokens = teacher.forward_tokens(x_t, t, cond["cond_tokens"], cond["cond_vec"])
-        out = student_ddp(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=sc["mask_ratio"], generator=gen)
+        with sess.autocast():
+            out = student_ddp(x_t, t, cond["cond_tokens"], cond["cond_vec"], mask_ratio=sc["mask_ratio"],
+                              generator=gen)
         masked = token_mask_to_pixels(out["mask"], p, 2, x0.shape[2], x0.shape[3]) * valid
         visible = (1.0 - masked) * valid
 
         # Discriminator step: teacher tokens are real, student tokens fake (one forward for DDP's sake).
-        logits = disc_ddp(torch.cat([teacher_tokens, out["tokens"].detach()]), torch.cat([t, t]))
-        loss_disc = discriminator_loss(logits[: x0.shape[0]], logits[x0.shape[0]:])
+        with sess.autocast():
+            logits = disc_ddp(torch.cat([teacher_tokens, out["tokens"].detach()]), torch.cat([t, t]))
+            loss_disc = discriminator_loss(logits[: x0.shape[0]], logits[x0.shape[0]:])
         opt_d.zero_grad(set_to_none=True)
         loss_disc.backward()
         opt_d.step()
 
         # Student step, Eq. 8: L = L_DSM + λ1·L_MAE + λ2·L_D.
-        loss_dsm = dsm_loss(out["out"], target_of(diffusion, prediction, x0, noise), visible)
-        loss_mae = mae_loss(out["out"], teacher_out, masked) if sc["mask_ratio"] > 0 else out["out"].sum() * 0
-        loss_adv = adversarial_loss(disc(out["tokens"], t))  # raw module: its grads are cleared before its step
-        loss = loss_dsm + sc["lambda1"] * loss_mae + sc["lambda2"] * loss_adv
+        with sess.autocast():
+            student_out = out["out"].float()  # the losses in float32 (a no-op at fp32)
+            loss_dsm = dsm_loss(student_out, target_of(diffusion, prediction, x0, noise), visible)
+            loss_mae = (mae_loss(student_out, teacher_out.float(), masked) if sc["mask_ratio"] > 0
+                        else student_out.sum() * 0)
+            loss_adv = adversarial_loss(disc(out["tokens"], t))  # raw module: its grads are cleared before its step
+            loss = loss_dsm + sc["lambda1"] * loss_mae + sc["lambda2"] * loss_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if sc["grad_clip"] > 0:

@@ -12,10 +12,16 @@ Run folder layout (``<storage_path>/<name>/``, local or ``s3://``)::
     console.log               everything the phase printed, Ray's workers' output included (fabdistill/console.py)
     checkpoint_step_000100/   Ray Train checkpoints: state.pt (state dicts, loaded with weights_only=True) + meta.json
     model/                    a copy of the final checkpoint, what apps/sample and serve/ load
+
+GPU knobs (run.*, applied here once for every method; docs/operations.md "GPU"): `use_gpu` gives each worker one
+GPU, and Ray Train then sets up the process group with NCCL (gloo on CPU workers); `tf32` is set when a worker's
+session starts on CUDA; `compile` is applied by `TrainSession.prepare`; `precision=bf16` by the loops' forward passes
+inside `TrainSession.autocast()`; `pin_memory` by `TrainSession.to_device`. On CPU only `compile` changes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +44,9 @@ from fabdistill.seeding import derive_seed
 from fabdistill.checkpoints import META_FILE, STATE_FILE, load_state, resolve_checkpoint, save_state  # noqa: F401
 
 
+PRECISIONS = ("fp32", "bf16")  # run.precision
+
+
 @dataclasses.dataclass
 class RunSection:
     """Where and how a run executes (Ray Train scaling, storage, failures)."""
@@ -45,7 +54,7 @@ class RunSection:
     name: str = knob("run", help="run name: the folder under storage_path; rerunning the same name resumes")
     storage_path: str = knob("runs", help="local directory or s3://bucket/prefix for checkpoints and artifacts")
     num_workers: int = knob(2, ge=0, le=4096, help="DDP workers; 0 runs the loop in-process (debugging)")
-    use_gpu: bool = knob(False, help="one GPU per worker, NCCL backend")
+    use_gpu: bool = knob(False, help="one GPU per worker; Ray Train then connects the workers with NCCL (gloo on CPU)")
     cpus_per_worker: float = knob(0.5, gt=0, le=256,
                                   help="fractional CPUs leave room for Ray Data on small machines")
     max_failures: int = knob(0, ge=-1, help="worker-group restarts from the latest checkpoint (-1: forever)")
@@ -55,6 +64,16 @@ class RunSection:
                                                  "after the checkpoint of this step, once (-1: off)")
     tensorboard: bool = knob(True, help="also write the metrics as TensorBoard event files in the run folder "
                                         "(rank 0; local storage only: skipped with a note on s3://)")
+    precision: str = knob("fp32", choices=PRECISIONS,
+                          help="bf16: the loops' forward passes and losses run under bfloat16 autocast on CUDA "
+                               "(TrainSession.autocast; weights, optimiser and gradients stay float32); a no-op on "
+                               "CPU, which always runs float32")
+    tf32: bool = knob(True, help="on CUDA, float32 matmuls and convolutions may use TF32 tensor cores (set when a "
+                                 "worker starts); no effect on CPU")
+    compile: bool = knob(False, help="torch.compile the models TrainSession.prepare returns, in place (state-dict "
+                                     "keys unchanged); the first steps pay the compilation")
+    pin_memory: bool = knob(True, help="on CUDA, batches are pinned in host memory and copied to the GPU "
+                                       "asynchronously (TrainSession.to_device); no effect on CPU")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -463,6 +482,47 @@ def _worker_entry(loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     return train_loop_per_worker
 
 
+# --------------------------------------------------------------------------- worker side: devices and precision
+
+def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs float32, bit-identical to no context at all).
+
+    bf16 rather than fp16: no loss scaling needed (DMD2's reference saw FP16 diverge and BF16 not)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_tf32(enabled: bool) -> tuple[str, bool]:
+    """Let CUDA float32 matmuls ("high" matmul precision) and cuDNN convolutions use TF32, or not; returns the
+    previous settings for :func:`restore_tf32`. The legacy API on purpose: torch.compile reads it, and mixing it with
+    the per-backend `fp32_precision` settings makes torch raise."""
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return before
+
+
+def restore_tf32(before: tuple[str, bool]) -> None:
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def to_device(value: Any, device: torch.device, pin_memory: bool = False) -> Any:
+    """A tensor, or a dict / list / tuple of tensors, on `device`. With `pin_memory` and a CUDA device, host
+    tensors are pinned first and copied asynchronously (non_blocking: the copy overlaps the work already queued on
+    the GPU). Anything else is returned as it is."""
+    if isinstance(value, torch.Tensor):
+        if pin_memory and device.type == "cuda" and value.device.type == "cpu":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, pin_memory) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device, pin_memory) for v in value)
+    return value
+
+
 # --------------------------------------------------------------------------- worker side
 
 class TrainSession:
@@ -499,6 +559,9 @@ class TrainSession:
         self._restored: Optional[tuple[dict, dict]] = None
         self._restored_step: Optional[int] = None
         self._restore_read = False
+        # TF32 is a process-wide setting: set for this session, put back by close() (an in-process run shares the
+        # driver's process).
+        self._tf32_before = set_tf32(self.run.tf32) if self.device.type == "cuda" else None
         torch.manual_seed(derive_seed(self.run.seed, "worker", self.rank))  # loops seed their own streams too
         if self.is_main:
             # Rows written after the checkpoint we resume from (or by a run that never checkpointed) are replayed
@@ -517,13 +580,33 @@ class TrainSession:
 
     # --- models and data
     def prepare(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-        """Move to the device and wrap in DDP when there is more than one worker."""
+        """Move to the device and wrap in DDP when there is more than one worker; with run.compile, compile what
+        is returned in place (`nn.Module.compile`: the same object, so `.module` and state-dict keys are unchanged;
+        the DDP wrapper is compiled, so that DDP's buckets split the graph), for static shapes (a new input shape
+        recompiles)."""
         if self.world_size > 1:
             import ray.train.torch
 
-            return ray.train.torch.prepare_model(
+            prepared = ray.train.torch.prepare_model(
                 model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
-        return model.to(self.device)
+        else:
+            prepared = model.to(self.device)
+        if self.run.compile:
+            # Static shapes: our batches have a fixed size; symbolic ones (what torch guesses on the second shape it
+            # sees, e.g. the same UNet code on pixels, then on latents) broke inductor on KDCDDM's CDLDM phase.
+            prepared.compile(dynamic=False)
+        return prepared
+
+    def autocast(self, enabled: Optional[bool] = None) -> contextlib.AbstractContextManager:
+        """The context a loop runs its forward passes and losses in (not backward, not the optimiser step): bf16
+        autocast on CUDA when run.precision is bf16 (`enabled` overrides it: DMD2's distill.bf16); a no-op on CPU
+        and at the default fp32, so CPU runs are bit-identical with or without it."""
+        return autocast(self.run.precision == "bf16" if enabled is None else enabled, self.device)
+
+    def to_device(self, batch: Any) -> Any:
+        """A batch (a tensor, or a dict / tuple / list of them) on this worker's device: on CUDA with
+        run.pin_memory pinned and copied asynchronously; on CPU `.to(device)`, the same tensors."""
+        return to_device(batch, self.device, self.run.pin_memory)
 
     def dataset(self, name: str = "train"):
         """This worker's shard of a dataset given to `launch(datasets=...)`: a Ray DataIterator, or in-process
@@ -689,10 +772,13 @@ class TrainSession:
         return self._tensorboard or None
 
     def close(self) -> None:
-        """Flush and close what the session holds open (the TensorBoard writer)."""
+        """Flush and close what the session holds open (the TensorBoard writer); put TF32 back as it was."""
         if self._tensorboard:
             self._tensorboard.close()
         self._tensorboard = False
+        if self._tf32_before is not None:
+            restore_tf32(self._tf32_before)
+            self._tf32_before = None
 
 
 def truncate_metrics(uri: str, max_step: int) -> list[str]:

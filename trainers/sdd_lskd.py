@@ -27,6 +27,7 @@ Run folders: `<name>/data`, `<name>-teacher` (a classifier run), `<name>-student
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -218,25 +219,28 @@ def frozen_teacher(state: dict, meta: dict, scales: tuple[int, ...]) -> MultiSca
 
 
 def distill_step(student: nn.Module, teacher: MultiScaleNet, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                 distiller: str, settings: DistillSettings) -> tuple[dict[str, float], int]:
+                 distiller: str, settings: DistillSettings,
+                 amp: Optional[contextlib.AbstractContextManager] = None) -> tuple[dict[str, float], int]:
     """One SGD step of `distiller` on (x (B, C, H, W), y (B,)); `student` is a MultiScaleNet (maybe in DDP).
+    `amp`: the context of the forward passes and losses (`TrainSession.autocast()`; None: float32).
 
     Returns ({loss, loss_ce, loss_kd, ...} as floats, correct predictions of the global logits)."""
     fn = get_distiller(distiller)
     multi = distiller in MULTI_SCALE_DISTILLERS
     teacher.eval()  # pinned: whatever a caller did to it, its BatchNorm uses running statistics
-    with torch.no_grad():
-        if distiller == "none":  # the student alone: the teacher's logits are never read
-            t_out = torch.zeros(0)
-        else:
-            t_out = teacher(x, multi_scale=True)[1] if multi else teacher(x)  # (B, K, R) or (B, K)
     student.train()
-    if multi:
-        logits, s_out = student(x, multi_scale=True)  # (B, K), (B, K, R)
-    else:
-        logits = s_out = student(x)  # (B, K)
-    terms = fn(s_out, t_out, y, settings)
-    loss = total_loss(terms)
+    with amp if amp is not None else contextlib.nullcontext():
+        with torch.no_grad():
+            if distiller == "none":  # the student alone: the teacher's logits are never read
+                t_out = torch.zeros(0)
+            else:
+                t_out = teacher(x, multi_scale=True)[1] if multi else teacher(x)  # (B, K, R) or (B, K)
+        if multi:
+            logits, s_out = student(x, multi_scale=True)  # (B, K), (B, K, R)
+        else:
+            logits = s_out = student(x)  # (B, K)
+        terms = fn(s_out.float(), t_out.float(), y, settings)  # the distillers in float32 (a no-op at fp32)
+        loss = total_loss(terms)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -297,8 +301,8 @@ def student_loop(config: dict) -> None:
             step += 1
             set_lr(opt, lr_at(step, total, s["lr"], warmup_steps=s["warmup_steps"], schedule="multistep",
                               milestones=s["milestones"], gamma=s["gamma"]))
-            terms, ok = distill_step(model, teacher, opt, x.to(sess.device), y.to(sess.device), s["distiller"],
-                                     settings)
+            terms, ok = distill_step(model, teacher, opt, *sess.to_device((x, y)), s["distiller"], settings,
+                                     sess.autocast())
             n = y.shape[0]
             sums = [sums[0] + terms["loss"] * n, sums[1] + terms.get("loss_ce", 0.0) * n,
                     sums[2] + terms["loss_kd"] * n, sums[3] + ok, sums[4] + n]

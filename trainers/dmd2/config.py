@@ -69,7 +69,8 @@ class DistillSection:
     num_steps: int = knob(1, ge=1, le=MAX_GENERATOR_STEPS, help="generator chain steps (2-4: few-step)")
     backward_simulation: bool = knob(True, help="few-step: train on the generator's own intermediate samples")
     ema_decay: float = knob(0.99, ge=0, lt=1, help="generator EMA (0: the raw weights are exported)")
-    bf16: bool = knob(True, help="bf16 autocast of the forward passes; on GPU only (CPU runs float32)")
+    bf16: bool = knob(True, help="bf16 autocast of the forward passes; on GPU only (CPU runs float32); "
+                                 "run.precision=bf16 turns it on too (it then also covers the teacher phase)")
     checkpoint_every: int = knob(250, ge=1)
     log_every: int = knob(50, ge=1)
 

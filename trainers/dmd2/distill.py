@@ -10,7 +10,8 @@ the teacher; optionally a GAN head on D_fake's bottleneck. Per iteration i (0-ba
     every iteration (fake turn), on sg(x):
         L_fake = λ(σ)‖D_fake(x + σn; σ) − x‖²,  t ~ U[0, 1000)   (+ w_D · [softplus(f) + softplus(−r)])
 
-AdamW (0.9, 0.999, wd 0.01) on both, grad-norm clip 10, warm-up then constant lr, bf16 autocast on GPU only.
+AdamW (0.9, 0.999, wd 0.01) on both, grad-norm clip 10, warm-up then constant lr, bf16 autocast on GPU only
+(distill.bf16, default on as in the reference, or run.precision=bf16; trainers/launch.py autocast).
 All ranks draw their own z, y, t (generator(seed, "dmd2", rank, start)); the backward-simulation step comes from
 derive_seed(seed, "backsim", i), shared, so every rank makes the same number of generator calls (DDP).
 """
@@ -32,7 +33,7 @@ from trainers.dmd2.losses import (backward_simulation, distribution_matching, dm
                                   gan_generator_loss, gan_logits, generator_objective, sample_grid_sigma)
 from trainers.dmd2.schedule import generator_updates_before, update_plan
 from trainers.dmd2.teacher import encoded_shard
-from trainers.launch import TrainSession
+from trainers.launch import TrainSession, autocast  # noqa: F401  (autocast: the shared helper, re-exported)
 
 __all__ = ["FakeObjective", "distill_loop", "needs_real_data", "autocast"]
 
@@ -59,13 +60,6 @@ class FakeObjective(nn.Module):
 def needs_real_data(dc: dict) -> bool:
     """Real samples are read only by the GAN (its 'real' side) and by few-step training without backsim."""
     return bool(dc["gan"]) or (dc["num_steps"] > 1 and not dc["backward_simulation"])
-
-
-def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast on CUDA (the reference: FP16 diverged, BF16 did not); a no-op on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _frozen(*modules: Optional[nn.Module]):
@@ -135,7 +129,7 @@ def distill_loop(config: dict) -> None:
         config["net"]["num_classes"]
     cadence = Cadence(dc["log_every"], dc["checkpoint_every"], total)
     running = RunningMeans()
-    amp = dc["bf16"]
+    amp = dc["bf16"] or sess.run.precision == "bf16"  # distill.bf16 (the reference's bf16) or the run's precision
     for step in range(start + 1, total + 1):
         plan = update_plan(step - 1, ratio)
         set_lr(opt_g, lr_at(step, total, dc["gen_lr"], warmup_steps=dc["warmup_steps"], schedule="constant"))
@@ -145,7 +139,7 @@ def distill_loop(config: dict) -> None:
         real_x = real_y = None
         if real_batches is not None:
             batch = next(real_batches)
-            real_x, real_y = batch["x"][:b].to(dev), batch["y"][:b].to(dev)
+            real_x, real_y = sess.to_device((batch["x"][:b], batch["y"][:b]))
         # The generator's input: σ_0·z (one step), or its own chain state at a shared random step (backsim).
         if k == 1:
             x_in, sig_in = z * chain[0], torch.full((b,), float(chain[0]), device=dev)

@@ -122,10 +122,11 @@ def teacher_loop(config: dict) -> None:
     for step in range(start + 1, tc["steps"] + 1):
         set_lr(opt, lr_at(step, tc["steps"], tc["lr"], warmup_steps=tc["warmup_steps"], schedule="constant"))
         batch = next(batches)
-        x, y = batch["x"].to(sess.device), batch["y"].to(sess.device)
+        x, y = sess.to_device((batch["x"], batch["y"]))
         sigma = edm_sample_sigma(x.shape[0], tc["p_mean"], tc["p_std"], generator=gen).to(sess.device)  # (N,)
         noise = torch.randn(x.shape, generator=gen).to(sess.device)
-        loss = edm_denoising_loss(model, x, y, sigma=sigma, noise=noise).mean()  # Eq. 8 (EDM)
+        with sess.autocast():  # run.precision
+            loss = edm_denoising_loss(model, x, y, sigma=sigma, noise=noise).mean()  # Eq. 8 (EDM)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc["grad_clip"] > 0:

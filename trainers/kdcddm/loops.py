@@ -9,8 +9,9 @@ reads them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -100,6 +101,7 @@ class Phase:
 
     betas = (0.9, 0.999)
     current_step: Optional[int] = None  # set by phase_loop before each step (the EMA warm-up reads it)
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # wrap(): TrainSession.autocast
 
     def __init__(self, config: dict, device: torch.device):
         self.config, self.sc, self.device = config, config["section"], device
@@ -112,12 +114,14 @@ class Phase:
 
     def wrap(self, sess: TrainSession) -> None:
         self.model = sess.prepare(self.objective)
+        self.amp = sess.autocast  # run.precision
 
     def prepare_data(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return _pixels(pairs)
 
     def step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        terms = self.model({k: v.to(self.device) for k, v in batch.items()}, gen)
+        with self.amp():
+            terms = self.model({k: v.to(self.device) for k, v in batch.items()}, gen)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
@@ -152,7 +156,8 @@ class VAEPhase(Phase):
         return {"x": torch.cat([p["defect"], p["clean"]])}  # both domains
 
     def step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        terms = self.model(batch["x"].to(self.device), gen)
+        with self.amp():
+            terms = self.model(batch["x"].to(self.device), gen)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
@@ -251,6 +256,7 @@ class StudentPhase(Phase):
 
     def wrap(self, sess: TrainSession) -> None:
         self.g_ddp, self.d_ddp = sess.prepare(self.g), sess.prepare(self.d)
+        self.amp = sess.autocast  # run.precision
 
     def prepare_data(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Defect latents and the frozen teacher's clean latents for them, computed once (DDIM, teacher_steps)."""
@@ -266,15 +272,17 @@ class StudentPhase(Phase):
 
     def step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
         z, real = batch["z"].to(self.device), batch["teacher"].to(self.device)
-        fake = self.g_ddp(z)  # (N, L, h, w)
-        # D step: teacher latents real, student latents fake (one forward through DDP).
-        logits = self.d_ddp(torch.cat([real, fake.detach()]))
-        d_terms = discriminator_loss(logits[: z.shape[0]], logits[z.shape[0]:])
+        with self.amp():
+            fake = self.g_ddp(z).float()  # (N, L, h, w); float32 for the losses (a no-op at fp32)
+            # D step: teacher latents real, student latents fake (one forward through DDP).
+            logits = self.d_ddp(torch.cat([real, fake.detach()]))
+            d_terms = discriminator_loss(logits[: z.shape[0]], logits[z.shape[0]:])
         self.opt_d.zero_grad(set_to_none=True)
         d_terms["loss"].mean().backward()
         self.opt_d.step()
         # G step: BCE(D(G(z)), 1) + λ_L1·|G(z) − teacher(z)| (raw D: its grads are cleared before its next step).
-        g_terms = student_loss(self.d(fake), fake, real, self.sc["l1_weight"])
+        with self.amp():
+            g_terms = student_loss(self.d(fake), fake, real, self.sc["l1_weight"])
         self.opt.zero_grad(set_to_none=True)
         g_terms["loss"].mean().backward()
         self.opt.step()
@@ -332,7 +340,7 @@ def phase_loop(config: dict) -> None:
     running = RunningMeans()
     for step in range(start + 1, sc["steps"] + 1):
         phase.current_step = step  # the EMA's warm-up reads it
-        running.add(phase.step(next(batches), gen))
+        running.add(phase.step(sess.to_device(next(batches)), gen))  # pinned, asynchronous copies on CUDA
         if cadence.report(step):
             checkpoint = cadence.checkpoint(step)
             if step == sc["steps"]:
