@@ -26,6 +26,42 @@ import torch  # noqa: E402
 from benchmarks._common import RESULTS, write_results  # noqa: E402
 
 
+def cost_breakdown(run: str, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per batch of each stage of the latent pipelines (CDLDM teacher, KDCDDM student), one process.
+
+    The student replaces the teacher's `steps` denoiser calls by one generator call; the VAE's encode and decode
+    are shared. So the speed-up is bounded by (VAE + steps·denoiser) / VAE, whatever the generator costs."""
+    import time as _time
+
+    from fabdistill.inference.kdcddm import Segmenter
+    from trainers.kdcddm.evaluate import resolve_roles
+
+    found = resolve_roles({"run": run})
+    student = Segmenter.from_checkpoint(found["kdcddm"], "kdcddm")
+    teacher = Segmenter.from_checkpoint(found["cdldm"], "cdldm")
+    x = torch.rand(batch_size, 1, student.image_size, student.image_size)
+
+    def ms(fn) -> float:
+        fn()
+        t = _time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (_time.perf_counter() - t) / repeats * 1000.0
+
+    with torch.no_grad():
+        p = x * 2 - 1
+        z = student.encode(p)
+        t = torch.full((batch_size,), teacher.settings.cond_t_start, dtype=torch.long)
+        out = {"encode": ms(lambda: student.encode(p)), "decode_2x": ms(lambda: student.decode(torch.cat([z, z]))),
+               "generator": ms(lambda: student.nets["generator"](z)),
+               "teacher_denoiser_call": ms(lambda: teacher.nets["net"](z, t, z)),
+               "teacher_steps": float(min(teacher.settings.steps, teacher.settings.cond_t_start + 1))}
+    vae = out["encode"] + out["decode_2x"]
+    out["ceiling_speedup"] = (vae + out["teacher_steps"] * out["teacher_denoiser_call"]) / vae
+    out["latent_only_speedup"] = out["teacher_steps"] * out["teacher_denoiser_call"] / out["generator"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/kdcddm_bench.yaml")
@@ -34,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage", default="", help="run storage (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 threads thrash on a shared 2-core box)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="kdcddm", help="results name under benchmarks/results/ (probes: not kdcddm)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -57,17 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     table = evaluate({"run": run_dir(cfg.run)}, settings, eval_dir)
     eval_s = time.time() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(eval_dir) / "examples.png", RESULTS / "kdcddm_examples.png")
+    shutil.copy(Path(eval_dir) / "examples.png", RESULTS / f"{args.out}_examples.png")
     targets = table.extras["targets"]
+    cost = cost_breakdown(run_dir(cfg.run), args.batch_size)
     lines = [f"# KDCDDM benchmark ({args.config}, {args.n} held-out {cfg.data.domain} images)", "",
              table.markdown(), "",
              f"- training: {train_s / 60:.1f} min in total, per phase (s): "
              + ", ".join(f"{p} {s:.0f}" for p, s in phase_s.items() if s is not None),
              f"- evaluation: {eval_s / 60:.1f} min; thresholds chosen on {cfg.data.num_validation} validation images "
              "during training (never the test images)",
-             f"- inference settings: {cfg.inference}", "", "![examples](kdcddm_examples.png)"]
-    write_results("kdcddm", {"config": dump_yaml(cfg), "table": table.to_json(), "targets": targets,
-                             "train_s": train_s, "phase_s": phase_s, "eval_s": eval_s}, "\n".join(lines))
+             f"- inference settings: {cfg.inference}",
+             f"- cost per batch of {args.batch_size} (ms, one process): VAE encode {cost['encode']:.1f}, decode of "
+             f"translation + reconstruction {cost['decode_2x']:.1f}, student generator {cost['generator']:.1f}, "
+             f"teacher denoiser call {cost['teacher_denoiser_call']:.1f} × {cost['teacher_steps']:.0f} steps. "
+             f"The shared VAE bounds the student's speed-up at {cost['ceiling_speedup']:.1f}× (a free generator); "
+             f"the latent translation alone is {cost['latent_only_speedup']:.0f}× faster", "", f"![examples]({args.out}_examples.png)"]
+    write_results(args.out, {"config": dump_yaml(cfg), "table": table.to_json(), "targets": targets,
+                             "train_s": train_s, "phase_s": phase_s, "eval_s": eval_s,
+                             "cost_ms": cost}, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -240,9 +240,10 @@ class Segmenter:
                                       clip_x0=LATENT_CLIP)
             else:
                 zc = self.nets["generator"](z)
-            out = self.decode(zc)
-            if s.latent_residual:
-                p = self.decode(z)
+            if s.latent_residual:  # one decoder pass for both (GroupNorm is per sample: same result, less overhead)
+                out, p = self.decode(torch.cat([zc, z])).chunk(2)
+            else:
+                out = self.decode(zc)
         else:  # ae
             out = self.nets["ae"](p, sample=False)[0]
         to01 = lambda v: ((v.clamp(-1.0, 1.0) + 1.0) / 2.0).float()  # noqa: E731
