@@ -38,7 +38,7 @@ LABELS = {"none": "student alone (CE)", "kd": "KD", "dkd": "DKD", "lskd_kd": "KD
 CPU_PRESET = [
     "data.size=32", "data.n_train=2500", "data.n_eval=1000",
     "teacher.arch=resnet32", "teacher.epochs=15", "teacher.batch_size=64", "teacher.warmup_steps=50",
-    "student.epochs=10", "student.batch_size=64", "student.warmup=3", "student.scales=[1,2,4]",
+    "student.epochs=10", "student.batch_size=64", "student.warmup=5", "student.scales=[1,2,4]",
     "run.num_workers=0",
 ]
 SMOKE = ["data.size=16", "data.n_train=256", "data.n_eval=128", "teacher.epochs=2",
