@@ -30,13 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.seeds import OVERLAY_FLOOR, OVERLAY_HELD_OUT
+from data.streaming import LoaderKnobs
 from fabdistill.checkpoints import load_state, resolve_checkpoint
 from fabdistill.config import knob, section
 from fabdistill.inference.ikddit import SampleSettings, build_networks, make_diffusion
 from fabdistill.methods import Method, TrainOutcome
 from models.diffusion import GaussianDiffusion
 from models.dit import DIT_SIZES, unpatchify
-from trainers.common import Cadence, RunningMeans, ema_update, generator, infinite_batches
+from trainers.common import Cadence, RunningMeans, ema_update, generator
 from trainers.ikddit_eval import EvalSettings
 from trainers.launch import RunSection, TrainSession, launch
 
@@ -44,7 +45,10 @@ from trainers.launch import RunSection, TrainSession, launch
 # --------------------------------------------------------------------------- config
 
 @dataclasses.dataclass
-class DataSection:
+class DataSection(LoaderKnobs):
+    """The training set; `loader`, `stream_threshold_mb`, `shuffle_buffer` (data/streaming.py) say whether the
+    workers hold their shards in memory or stream them from Parquet through Ray Data."""
+
     train_uri: str = knob("", help="overlay Parquet dataset (local or s3://); empty: generate num_train maps")
     num_train: int = knob(4096, ge=16, le=10_000_000, help="synthetic maps when train_uri is empty")
     seed: int = knob(0, ge=0, help="generator seed of the synthetic training set")
@@ -208,25 +212,27 @@ def teacher_loop(config: dict) -> None:
     model = sess.prepare(objective, find_unused_parameters=True)  # null tokens serve only CFG dropout
     ema.to(sess.device)
     diffusion = make_diffusion(model_cfg)
-    data = sess.load_shard("train", "overlay")
     gen = generator(sess.run.seed, "ikddit", "teacher", sess.rank, start)  # a resumed run draws anew
-    batches = infinite_batches(data, tc["batch_size"], gen)
+    batches = sess.batches("train", "overlay", tc["batch_size"], gen)  # in memory or streamed: data.loader
     cadence = Cadence(tc["log_every"], tc["checkpoint_every"], tc["steps"])
     running = RunningMeans()
     for step in range(start + 1, tc["steps"] + 1):
-        x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess)
-        t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
-        noise = torch.randn(x0.shape, generator=gen).to(sess.device)
-        with sess.autocast():  # run.precision: bf16 on CUDA, else a no-op
+        with sess.timed("data"):  # run.profile: per-section step times in the metrics; else no-ops
+            x0, log, eid, valid = _prepare_batch(next(batches), config["scale_nm"], sess)
+            t = diffusion.sample_timesteps(x0.shape[0], generator=gen).to(sess.device)
+            noise = torch.randn(x0.shape, generator=gen).to(sess.device)
+        with sess.timed("forward"), sess.autocast():  # run.precision: bf16 on CUDA, else a no-op
             terms = model(x0, log, eid, t, noise, diffusion, model_cfg["prediction"], valid,
                           tc["infonce_temperature"])
             loss = terms["loss_dsm"] + tc["infonce_weight"] * terms["loss_infonce"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
-        opt.step()
-        ema_update(ema, objective, tc["ema_decay"], step)
+        with sess.timed("backward"):  # DDP's gradient all-reduce overlaps it
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with sess.timed("optimizer"):
+            if tc["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            opt.step()
+            ema_update(ema, objective, tc["ema_decay"], step)
         running.add({"loss": loss, **terms})
         if cadence.report(step):
             checkpoint = cadence.checkpoint(step)
@@ -270,9 +276,8 @@ def student_loop(config: dict) -> None:
     ema.to(sess.device)
     diffusion = make_diffusion(model_cfg)
     prediction, p = model_cfg["prediction"], student.patch_size
-    data = sess.load_shard("train", "overlay")
     gen = generator(sess.run.seed, "ikddit", "student", sess.rank, start)
-    batches = infinite_batches(data, sc["batch_size"], gen)
+    batches = sess.batches("train", "overlay", sc["batch_size"], gen)  # in memory or streamed: data.loader
     cadence = Cadence(sc["log_every"], sc["checkpoint_every"], sc["steps"])
     running = RunningMeans()
     for step in range(start + 1, sc["steps"] + 1):
@@ -330,9 +335,11 @@ def _meta(config: dict, role: str) -> dict:
 # --------------------------------------------------------------------------- driver
 
 def prepare_training_data(cfg: Config) -> tuple[str, float]:
-    """The training set's URI (generated into the run storage when not given) and its scale in nm."""
+    """The training set's URI (generated into the run storage when not given) and its scale in nm (computed
+    batch by batch when the set streams, data.loader)."""
     from data.overlay import generate_overlay
     from data.parquet_io import read_dataset, write_dataset
+    from data.streaming import resolve_loader
     from fabdistill import storage
     from trainers.launch import run_dir
 
@@ -344,6 +351,8 @@ def prepare_training_data(cfg: Config) -> tuple[str, float]:
             table = generate_overlay(cfg.data.num_train, seed=cfg.data.seed, height=cfg.data.map_size,
                                      width=cfg.data.map_size, log_dim=cfg.model.log_dim)
             write_dataset(table, uri, "overlay")
+    if resolve_loader(cfg.data, uri, cfg.run.num_workers) == "stream":
+        return uri, overlay_scale_nm_streamed(uri)
     table = read_dataset(uri, columns=["overlay", "valid", "height", "width"])
     return uri, overlay_scale_nm(table)
 
@@ -357,6 +366,21 @@ def overlay_scale_nm(table) -> float:
     valid = from_fixed_list(table.column("valid"), (h, w)) > 0
     values = maps[np.broadcast_to(valid[:, None], maps.shape)]
     return float(max(values.std(), 1e-3))
+
+
+def overlay_scale_nm_streamed(uri: str) -> float:
+    """overlay_scale_nm of a dataset too large to load: one pass over its files in record batches (float64 sums)."""
+    from data.streaming import stream_parquet
+
+    count, total, squares = 0, 0.0, 0.0
+    for batch in stream_parquet(uri, 4096, drop_last=False, columns=["overlay", "valid", "height", "width"]):
+        h, w = int(batch["height"][0]), int(batch["width"][0])
+        maps = np.stack(batch["overlay"]).reshape(-1, 2, h, w).astype(np.float64)
+        valid = np.stack(batch["valid"]).reshape(-1, 1, h, w) > 0
+        values = maps[np.broadcast_to(valid, maps.shape)]
+        count, total, squares = count + values.size, total + values.sum(), squares + (values ** 2).sum()
+    mean = total / max(count, 1)
+    return float(max(np.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0)), 1e-3))
 
 
 def train(cfg: Config, callbacks: Optional[list] = None) -> TrainOutcome:
@@ -379,7 +403,7 @@ def train(cfg: Config, callbacks: Optional[list] = None) -> TrainOutcome:
         print(f"[ikddit] teacher: {cfg.model.size}, {cfg.teacher.steps} steps on {cfg.run.num_workers} workers",
               flush=True)
         phases["teacher"] = launch(teacher_loop, base, run, datasets={"train": uri}, full_config=cfg,
-                                   extra_callbacks=callbacks)
+                                   extra_callbacks=callbacks, loader=cfg.data)
         teacher_path = phases["teacher"].checkpoint_dir
     if cfg.phase in ("student", "both"):
         state, meta = load_state(resolve_checkpoint(teacher_path))
@@ -398,7 +422,7 @@ def train(cfg: Config, callbacks: Optional[list] = None) -> TrainOutcome:
         print(f"[ikddit] student: mask ratio {cfg.student.mask_ratio}, λ1 {cfg.student.lambda1}, "
               f"λ2 {cfg.student.lambda2}, {cfg.student.steps} steps", flush=True)
         phases["student"] = launch(student_loop, student_config, run, datasets={"train": uri}, full_config=cfg,
-                                   extra_callbacks=callbacks)
+                                   extra_callbacks=callbacks, loader=cfg.data)
     final = phases["student" if "student" in phases else "teacher"]
     return dataclasses.replace(final, phases=phases)
 

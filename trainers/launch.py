@@ -74,6 +74,13 @@ class RunSection:
                                      "keys unchanged); the first steps pay the compilation")
     pin_memory: bool = knob(True, help="on CUDA, batches are pinned in host memory and copied to the GPU "
                                        "asynchronously (TrainSession.to_device); no effect on CPU")
+    torch_threads: int = knob(0, ge=0, le=1024,
+                              help="torch intra-op threads per worker (torch.set_num_threads when its session "
+                                   "starts); 0: as the process has them (Ray sets OMP_NUM_THREADS to a worker's "
+                                   "whole CPUs, at least 1)")
+    profile: bool = knob(False, help="time each step's sections (data, forward, backward, optimizer) and DDP's "
+                                     "all-reduce; reports add their per-step means as prof_*_ms "
+                                     "(trainers/profiling.py)")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -130,6 +137,7 @@ def launch(
     extra_callbacks: Optional[list] = None,
     total_steps: Optional[int] = None,
     samples_per_step: Optional[int] = None,
+    loader: Any = None,
 ) -> TrainOutcome:
     """Run `loop(loop_config)` on `run.num_workers` DDP workers; resume if `run.name` already has checkpoints.
 
@@ -140,23 +148,36 @@ def launch(
     The console shows a progress bar and milestone lines (fabdistill/console.py); `total_steps` (the last step)
     and `samples_per_step` (the global batch) size the bar, read from `loop_config` when not given
     (:func:`progress_plan`). Everything printed meanwhile also goes to <run folder>/console.log.
+    `loader` (a method's data section with data/streaming.LoaderKnobs: `data.loader` memory|stream|auto) decides
+    once here, per dataset, how `TrainSession.batches` feeds the loop; None keeps every dataset in memory.
     """
     out_dir = run_dir(run)
     storage.makedirs(out_dir)
     with console.log_to(storage.join(out_dir, "console.log")):
         return _launch_phase(loop, loop_config, run, out_dir, datasets, full_config, raise_on_error,
-                             extra_callbacks, total_steps, samples_per_step)
+                             extra_callbacks, total_steps, samples_per_step, loader)
+
+
+def resolve_loaders(datasets: Optional[dict[str, str]], loader: Any, run: RunSection) -> dict[str, dict]:
+    """{dataset name: {"mode": "memory"|"stream", "shuffle_buffer": rows}}, decided on the driver so that every
+    worker agrees (data/streaming.py)."""
+    from data.streaming import resolve_loader
+
+    shuffle = int(getattr(loader, "shuffle_buffer", 0))
+    return {name: {"mode": resolve_loader(loader, uri, run.num_workers) if loader is not None else "memory",
+                   "shuffle_buffer": shuffle} for name, uri in (datasets or {}).items()}
 
 
 def _launch_phase(loop: Callable[[dict], Any], loop_config: dict, run: RunSection, out_dir: str,
                   datasets: Optional[dict[str, str]], full_config: Any, raise_on_error: bool,
                   extra_callbacks: Optional[list], total_steps: Optional[int],
-                  samples_per_step: Optional[int]) -> TrainOutcome:
+                  samples_per_step: Optional[int], loader: Any = None) -> TrainOutcome:
     if full_config is not None:
         from fabdistill.config import save_config
         save_config(full_config, storage.join(out_dir, "config.yaml"))
+    loaders = resolve_loaders(datasets, loader, run)
     worker_config = {"loop_config": loop_config, "run": dataclasses.asdict(run), "run_dir": out_dir,
-                     "datasets": dict(datasets or {}), "verbose": console.verbose()}
+                     "datasets": dict(datasets or {}), "loaders": loaders, "verbose": console.verbose()}
     latest = latest_checkpoint(out_dir)
     start = checkpoint_step(latest) if latest is not None else 0
     # What rank 0 does when it starts (drop rows after the checkpoint it resumes from), done here first so that
@@ -166,7 +187,8 @@ def _launch_phase(loop: Callable[[dict], Any], loop_config: dict, run: RunSectio
     total, per_step = total_steps or plan_total, samples_per_step or plan_batch
     where = (f"{run.num_workers} Ray Train worker{'s' if run.num_workers > 1 else ''}" if run.num_workers
              else "in-process (no Ray)")
-    data = ", ".join(f"{k} {v}" for k, v in (datasets or {}).items())
+    data = ", ".join(f"{k} {v}" + (" (streamed)" if loaders[k]["mode"] == "stream" else "")
+                     for k, v in (datasets or {}).items())
     console.say(f"[{run.name}] {where}" + (f", {total} steps" if total else "") + (f"; data: {data}" if data else "")
                 + f"; run folder {out_dir}")
     if latest is not None:
@@ -204,6 +226,7 @@ def _launch_ray(loop: Callable[[dict], Any], worker_config: dict, run: RunSectio
 
             DataContext.get_current().enable_progress_bars = False
         ray_datasets = {name: ray_dataset(uri) for name, uri in datasets.items()}
+        _check_room_for_data(run)
 
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry(loop),
@@ -237,6 +260,25 @@ def _launch_ray(loop: Callable[[dict], Any], worker_config: dict, run: RunSectio
         with result.checkpoint.as_directory() as src:
             export_checkpoint(src, checkpoint_dir)
     return _finish(run, out_dir, checkpoint_dir, metrics, error, raise_on_error)
+
+
+def _check_room_for_data(run: RunSection) -> None:
+    """Ray Data's read tasks need a whole free CPU beside the workers (docs/data.md, "Streaming": 2 workers x 1 CPU
+    on 2 CPUs leave the read waiting forever). On an embedded local Ray, which cannot grow, such
+    a run fails here instead of hanging; on a cluster, which may scale up, it is a warning."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    reserved = run.num_workers * run.cpus_per_worker
+    if total - reserved >= 1.0:
+        return
+    message = (f"{run.num_workers} workers x run.cpus_per_worker={run.cpus_per_worker:g} leave "
+               f"{max(total - reserved, 0):g} of {total:g} CPUs, and Ray Data needs 1 free CPU to read the "
+               f"datasets: lower run.cpus_per_worker (fractional CPUs are fine) or run.num_workers")
+    if os.environ.get("RAY_ADDRESS"):
+        console.say(f"[{run.name}] warning: {message} (unless the cluster scales up)")
+    else:
+        raise ValueError(message)
 
 
 def _finish(run: RunSection, out_dir: str, checkpoint_dir: Optional[str], metrics: Optional[dict],
@@ -540,6 +582,7 @@ class TrainSession:
         self.run = RunSection(**worker_config["run"])
         self.run_dir: str = worker_config["run_dir"]
         self._datasets: dict[str, str] = worker_config.get("datasets", {})
+        self._loaders: dict[str, dict] = worker_config.get("loaders", {})
         if local:
             self.rank, self.world_size = 0, 1
             self.device = torch.device("cuda" if self.run.use_gpu and torch.cuda.is_available() else "cpu")
@@ -562,6 +605,15 @@ class TrainSession:
         # TF32 is a process-wide setting: set for this session, put back by close() (an in-process run shares the
         # driver's process).
         self._tf32_before = set_tf32(self.run.tf32) if self.device.type == "cuda" else None
+        # Threads are process-wide too: put back by close() for an in-process run.
+        self._threads_before: Optional[int] = None
+        if self.run.torch_threads > 0:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.run.torch_threads)
+        from trainers.profiling import StepProfile
+
+        self.profile: Optional[StepProfile] = StepProfile(self.device) if self.run.profile else None
+        self._profiled_since: Optional[int] = None  # the step of the last report (profile means per step)
         torch.manual_seed(derive_seed(self.run.seed, "worker", self.rank))  # loops seed their own streams too
         if self.is_main:
             # Rows written after the checkpoint we resume from (or by a run that never checkpointed) are replayed
@@ -591,6 +643,8 @@ class TrainSession:
                 model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
         else:
             prepared = model.to(self.device)
+        if self.profile is not None and self.world_size > 1:
+            self.profile.attach(prepared)  # times DDP's all-reduce (the default one, wrapped)
         if self.run.compile:
             # Static shapes: our batches have a fixed size; symbolic ones (what torch guesses on the second shape it
             # sees, e.g. the same UNet code on pixels, then on latents) broke inductor on KDCDDM's CDLDM phase.
@@ -602,6 +656,12 @@ class TrainSession:
         autocast on CUDA when run.precision is bf16 (`enabled` overrides it: DMD2's distill.bf16); a no-op on CPU
         and at the default fp32, so CPU runs are bit-identical with or without it."""
         return autocast(self.run.precision == "bf16" if enabled is None else enabled, self.device)
+
+    def timed(self, name: str) -> contextlib.AbstractContextManager:
+        """A context timing one section of a step (run.profile; trainers/profiling.py); a no-op otherwise."""
+        from trainers.profiling import maybe_section
+
+        return maybe_section(self.profile, name)
 
     def to_device(self, batch: Any) -> Any:
         """A batch (a tensor, or a dict / tuple / list of them) on this worker's device: on CUDA with
@@ -622,8 +682,10 @@ class TrainSession:
             raise KeyError(f"dataset '{name}' was not passed to launch(datasets=...)")
         return shard
 
-    def load_shard(self, name: str, kind: str, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-        """This worker's whole shard as tensors in memory (shapes as in data/datasets.py).
+    def load_shard(self, name: str, kind: str, batch_size: int = 1024,
+                   label_column: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """This worker's whole shard as tensors in memory (shapes as in data/datasets.py; `label_column` read as
+        the label, data/datasets.numpy_batch).
 
         Our datasets are small next to a worker's memory, and many short epochs over an in-memory tensor are far
         faster than re-streaming Parquet through Ray Data each epoch.
@@ -632,11 +694,67 @@ class TrainSession:
 
         parts: dict[str, list[torch.Tensor]] = {}
         for batch in self.dataset(name).iter_batches(batch_size=batch_size, batch_format="numpy"):
-            for key, value in batch_to_tensors(batch, kind).items():
+            for key, value in batch_to_tensors(batch, kind, label_column).items():
                 parts.setdefault(key, []).append(value)
         if not parts:
             raise ValueError(f"dataset '{name}' gave worker {self.rank} no rows (fewer rows than workers?)")
         return {key: torch.cat(values) for key, values in parts.items()}
+
+    def loader(self, name: str = "train") -> str:
+        """How `batches(name, ...)` feeds the loop: "memory" or "stream" (decided by launch(loader=...))."""
+        return self._loaders.get(name, {}).get("mode", "memory")
+
+    def stream(self, name: str, batch_size: int, *, epoch: int = 0, collate: Optional[Callable] = None,
+               shuffle_buffer: Optional[int] = None, seed: Optional[int] = None, drop_last: bool = True,
+               prefetch_batches: int = 1):
+        """One epoch of this worker's shard, streamed: Ray Data's `iter_torch_batches` with a local shuffle buffer
+        (in-process: data/streaming.stream_parquet), `collate(numpy batch)` applied to each batch (default: the
+        numpy batch as it is). Every worker holds the same number of rows (the split is equal), so with drop_last
+        every worker yields the same number of batches per epoch. `shuffle_buffer` defaults to the dataset's
+        `data.shuffle_buffer`; the shuffle seed is derived from run.seed, the rank and `epoch`."""
+        from data.streaming import shuffle_buffer_rows
+
+        if shuffle_buffer is None:
+            shuffle_buffer = int(self._loaders.get(name, {}).get("shuffle_buffer", 0))
+        seed = derive_seed(self.run.seed, "stream", name, self.rank, epoch) if seed is None else seed
+        collate = collate or (lambda batch: batch)
+        if self.local:
+            from data.streaming import stream_parquet
+
+            if name not in self._datasets:
+                raise KeyError(f"dataset '{name}' was not passed to launch(datasets=...)")
+            return (collate(b) for b in stream_parquet(self._datasets[name], batch_size, shuffle_buffer=shuffle_buffer,
+                                                       seed=seed, drop_last=drop_last))
+        from data.streaming import numpy_collate
+
+        return self.dataset(name).iter_torch_batches(
+            batch_size=batch_size, collate_fn=numpy_collate(collate), device="cpu", drop_last=drop_last,
+            local_shuffle_buffer_size=shuffle_buffer_rows(shuffle_buffer, batch_size),
+            local_shuffle_seed=seed % 2**32, prefetch_batches=prefetch_batches)
+
+    def batches(self, name: str, kind: str, batch_size: int, gen: torch.Generator, *,
+                label_column: Optional[str] = None, transform: Optional[Callable] = None):
+        """Shuffled mini-batches of tensors (data/datasets.py shapes) of this worker's shard, forever, fed as
+        launch(loader=...) decided for this dataset (data/streaming.py):
+
+        memory  the whole shard decoded once (load_shard), then trainers/common.infinite_batches with `gen`;
+        stream  epoch after epoch of `stream()`, batch_to_tensors applied in Ray Data's prefetch thread.
+
+        `transform(tensors) -> tensors` runs on the whole shard once in memory, on each batch when streaming (for
+        a per-row encoding; a filter changes the batch size when streaming)."""
+        from functools import partial
+
+        from data.datasets import batch_to_tensors
+        from data.streaming import epochs
+        from trainers.common import infinite_batches
+
+        if self.loader(name) == "stream":
+            decode = partial(batch_to_tensors, kind=kind, label_column=label_column)
+            collate = decode if transform is None else (lambda batch: transform(decode(batch)))
+            return epochs(lambda epoch: self.stream(name, batch_size, epoch=epoch, collate=collate),
+                          what=f"dataset '{name}' on worker {self.rank}")
+        data = self.load_shard(name, kind, label_column=label_column)
+        return infinite_batches(transform(data) if transform is not None else data, batch_size, gen)
 
     def all_reduce_mean(self, values: list[float]) -> list[float]:
         """Mean of each value over the workers (identity on one worker)."""
@@ -693,6 +811,10 @@ class TrainSession:
         `state` (a dict of state dicts, or a function that builds it) asks for a checkpoint at this step; every
         rank passes it, only rank 0's is built and written. Metrics are rank 0's and written by rank 0."""
         metrics = {k: _plain(v) for k, v in metrics.items()}
+        if self.profile is not None:
+            since = self._profiled_since if self._profiled_since is not None else self._checkpoint_step()
+            metrics.update({k: round(v, 3) for k, v in self.profile.pop(step - since).items()})
+            self._profiled_since = step
         metrics["step"] = step
         metrics["elapsed_s"] = round(time.time() - self._t0, 3)
         if self.is_main:
@@ -779,6 +901,9 @@ class TrainSession:
         if self._tf32_before is not None:
             restore_tf32(self._tf32_before)
             self._tf32_before = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def truncate_metrics(uri: str, max_step: int) -> list[str]:
