@@ -1,0 +1,46 @@
+"""benchmarks/train_scaling.py's steady-state arithmetic and trainers/profiling.py's all-reduce interval union,
+against hand-computed cases (the benchmark itself runs outside the suite: it is a timing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.train_scaling import profile_means, steady_rate
+from trainers.profiling import StepProfile, union_length
+
+
+def test_steady_rate_skips_everything_before_the_first_report():
+    rows = [{"step": 10, "elapsed_s": 30.0, "loss": 1.0},  # start-up is inside these 30 s
+            {"step": 20, "elapsed_s": 32.0, "loss": 0.9},
+            {"step": 30, "elapsed_s": 34.0, "loss": 0.8}]
+    rate, step_s = steady_rate(rows, global_batch=64)
+    assert rate == pytest.approx(64 * 20 / 4.0)  # 20 steps in 4 s
+    assert step_s == pytest.approx(0.2)
+    with pytest.raises(RuntimeError, match="fewer than 2"):
+        steady_rate(rows[:1], 64)
+
+
+def test_profile_means_drop_the_first_report_and_default_missing_sections_to_zero():
+    rows = [{"prof_forward_ms": 100.0}, {"prof_forward_ms": 4.0, "prof_allreduce_ms": 1.0},
+            {"prof_forward_ms": 6.0, "prof_allreduce_ms": 3.0}]
+    means = profile_means(rows)
+    assert means["forward"] == pytest.approx(5.0) and means["allreduce"] == pytest.approx(2.0)
+    assert means["data"] == 0.0
+
+
+def test_union_length_counts_overlaps_once():
+    assert union_length([]) == 0.0
+    assert union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)  # [0, 2] ∪ [3, 4]
+    assert union_length([(0.0, 4.0), (1.0, 2.0)]) == pytest.approx(4.0)  # nested
+
+
+def test_step_profile_pops_per_step_means_in_ms():
+    import torch
+
+    prof = StepProfile(torch.device("cpu"))
+    prof._sums = {"forward": 0.5}  # 0.5 s over 10 steps
+    prof._intervals = [(0.0, 0.2), (0.1, 0.3)]
+    out = prof.pop(10)
+    assert out["prof_forward_ms"] == pytest.approx(50.0)
+    assert out["prof_allreduce_ms"] == pytest.approx(30.0) and out["prof_allreduce_calls"] == pytest.approx(0.2)
+    assert prof.pop(1) == {}  # cleared
