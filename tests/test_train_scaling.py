@@ -44,3 +44,32 @@ def test_step_profile_pops_per_step_means_in_ms():
     assert out["prof_forward_ms"] == pytest.approx(50.0)
     assert out["prof_allreduce_ms"] == pytest.approx(30.0) and out["prof_allreduce_calls"] == pytest.approx(0.2)
     assert prof.pop(1) == {}  # cleared
+
+
+def test_the_allreduce_hook_registers_on_ddp_and_times_every_bucket(tmp_path):
+    """A real DDP model (gloo, one rank, in a subprocess so this process keeps no process group): DDP checks a
+    hook's annotations when it registers it, and the hook must keep the default all-reduce's gradients."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from trainers.profiling import StepProfile
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        ref = torch.nn.Linear(4, 2); ref.load_state_dict(net.state_dict())
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        prof = StepProfile(torch.device("cpu")); prof.attach(ddp)
+        x = torch.randn(8, 4)
+        ddp(x).square().sum().backward(); ref(x).square().sum().backward()
+        assert torch.allclose(net.weight.grad, ref.weight.grad), "the hook changed the gradients"
+        out = prof.pop(1)
+        assert out["prof_allreduce_calls"] >= 1 and out["prof_allreduce_ms"] >= 0, out
+        dist.destroy_process_group()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -46,22 +46,25 @@ class StepProfile:
             self._sync()
             self._sums[name] = self._sums.get(name, 0.0) + time.perf_counter() - t0
 
-    def allreduce_hook(self, process_group: Any, bucket: Any) -> Any:
-        """DDP comm hook: the default all-reduce (same results as no hook), timed from launch to completion."""
+    def allreduce_hook(self):  # noqa: ANN201 (DDP rejects a hook whose `bucket` is annotated other than GradBucket)
+        """A DDP comm hook: the default all-reduce (same results as no hook), timed from launch to completion."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        t0 = time.perf_counter()
+        def hook(process_group, bucket):
+            t0 = time.perf_counter()
 
-        def done(fut: Any) -> Any:
-            with self._lock:
-                self._intervals.append((t0, time.perf_counter()))
-            return fut.value()
+            def done(fut):
+                with self._lock:
+                    self._intervals.append((t0, time.perf_counter()))
+                return fut.value()
 
-        return allreduce_hook(process_group, bucket).then(done)
+            return allreduce_hook(process_group, bucket).then(done)
+
+        return hook
 
     def attach(self, ddp_model: torch.nn.Module) -> None:
         if hasattr(ddp_model, "register_comm_hook"):
-            ddp_model.register_comm_hook(None, self.allreduce_hook)
+            ddp_model.register_comm_hook(None, self.allreduce_hook())
 
     def pop(self, steps: int) -> dict[str, float]:
         """Per-step means (ms) of every section and of the all-reduce time since the last pop."""
