@@ -741,8 +741,20 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 # patch 4 (64 tokens) to keep tests and CPU smoke runs fast. decoder_depth follows MaskDiT/MDT (light: 2 for
 # small sizes, 8 at XL). embed_dim is the width of the contrastive embedding (D_ctx); disc_* size the
 # implicit discriminator.
+#
+# Where masking pays. Sampling runs the student's encoder on the visible tokens only, its decoder and the
+# teacher on all of them, so a step costs the student depth * f + decoder_depth teacher blocks, f being what a
+# block costs on the kept tokens relative to all (f ~ 1 - mask_ratio for the matrix products; less for
+# attention, and for memory-bound elementwise work that fits the cache at half the tokens). "tiny" (2 encoder
+# blocks + 1 decoder block vs 2) is hardly faster than its teacher (~1.1x). "deep" is the CPU-trainable size
+# at which the student samples ≥ 2x faster at mask 0.5: 12 narrow encoder blocks (D = 48) on tiny's 64 tokens
+# and ONE decoder block: the student needs 0.59 of the teacher's FLOPs, and on 2 CPU cores (random weights,
+# batch 256, benchmarks/ikddit_speed.py --size deep) samples 2.34x as many maps/s (half the tokens also fit
+# the cache; tiny: ~1.1x). A training step costs ~2x tiny's.
 DIT_SIZES: dict[str, dict] = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=2, decoder_depth=1, patch_size=4, embed_dim=64,
+                 disc_hidden=64, disc_depth=1, disc_heads=2),
+    "deep": dict(depth=12, hidden_size=48, num_heads=2, decoder_depth=1, patch_size=4, embed_dim=64,
                  disc_hidden=64, disc_depth=1, disc_heads=2),
     "S": dict(depth=12, hidden_size=384, num_heads=6, decoder_depth=2, patch_size=2, embed_dim=384,
               disc_hidden=192, disc_depth=2, disc_heads=4),
