@@ -4,6 +4,7 @@
     python benchmarks/train_scaling.py                      # tiny DiT teacher, 32x32 maps, 80 steps a case
     python benchmarks/train_scaling.py --size S --batch 16 --steps 40
 
+A fourth case streams the set through Ray Data on 2 workers (data.loader=stream) against the same in memory.
 Every case trains the same teacher (trainers/ikddit.py, phase=teacher) through the shared Ray Train path
 (trainers/launch.py) with `run.profile=true` (per-step section timers and DDP's all-reduce time,
 trainers/profiling.py) and `run.torch_threads`. Steady-state samples/s come from the metrics rows after the first
@@ -24,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine, write_results  # noqa: E402
 
-CASES = [  # (label, workers, torch threads per worker)
-    ("1 worker x 1 thread", 1, 1),
-    ("2 workers x 1 thread", 2, 1),
-    ("1 worker x 2 threads", 1, 2),
+CASES = [  # (label, workers, torch threads per worker, data.loader)
+    ("1 worker x 1 thread", 1, 1, "memory"),
+    ("2 workers x 1 thread", 2, 1, "memory"),
+    ("1 worker x 2 threads", 1, 2, "memory"),
+    ("2 workers x 1 thread, streamed", 2, 1, "stream"),
 ]
-SECTIONS = ("data", "forward", "backward", "optimizer", "allreduce")
+SECTIONS = ("data", "forward", "backward", "optimizer", "report", "allreduce")
+TIMED = ("data", "forward", "backward", "optimizer", "report")  # disjoint; all-reduce overlaps backward
 
 
 def steady_rate(rows: list[dict], global_batch: int) -> tuple[float, float]:
@@ -48,7 +51,7 @@ def profile_means(rows: list[dict]) -> dict[str, float]:
     return {name: statistics.fmean(r.get(f"prof_{name}_ms", 0.0) for r in later) for name in SECTIONS}
 
 
-def run_case(label: str, workers: int, threads: int, args: argparse.Namespace, storage: str) -> dict:
+def run_case(label: str, workers: int, threads: int, loader: str, args: argparse.Namespace, storage: str) -> dict:
     from fabdistill.config import load_config
     from trainers.ikddit import Config, train
     from trainers.launch import read_metrics
@@ -60,13 +63,16 @@ def run_case(label: str, workers: int, threads: int, args: argparse.Namespace, s
                  f"teacher.batch_size={args.batch}", f"teacher.log_every={args.log_every}",
                  f"teacher.checkpoint_every={args.steps}", f"run.num_workers={workers}",
                  "run.cpus_per_worker=0.5", f"run.torch_threads={threads}", "run.profile=true",
-                 "run.tensorboard=false", f"run.storage_path={storage}", f"run.name=scale-{workers}w{threads}t"]
+                 "run.tensorboard=false", f"run.storage_path={storage}", f"data.loader={loader}",
+                 f"run.name=scale-{workers}w{threads}t-{loader}"]
     cfg = load_config(Config, args.config, overrides)
     outcome = train(cfg)
     rows = [r for r in read_metrics(outcome.phase("teacher").run_dir) if "loss" in r]
     rate, step_s = steady_rate(rows, args.batch * workers)
-    return {"case": label, "workers": workers, "threads": threads, "samples_per_s": rate,
-            "step_ms": 1000 * step_s, "profile_ms": profile_means(rows)}
+    profile = profile_means(rows)
+    profile["other"] = 1000 * step_s - sum(profile[name] for name in TIMED)
+    return {"case": label, "workers": workers, "threads": threads, "loader": loader, "samples_per_s": rate,
+            "step_ms": 1000 * step_s, "profile_ms": profile}
 
 
 def markdown(results: list[dict], args: argparse.Namespace, ratios: dict[str, float]) -> str:
@@ -74,18 +80,21 @@ def markdown(results: list[dict], args: argparse.Namespace, ratios: dict[str, fl
     lines = [f"**Ray Train scaling, IKDDiT DiT teacher** (size {args.size}, {args.map_size}x{args.map_size} maps, "
              f"{args.batch} maps per worker per step, {args.steps} steps a case, steady state after the first "
              f"report; {machine()['cpu_count']} CPUs)", "",
-             "| case | samples/s | vs 1x1 | step ms | data | forward | backward | (all-reduce in flight) | optimizer |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | samples/s | vs 1x1 | step ms | data | forward | backward | (all-reduce in flight) | "
+             "optimizer | report | other |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         p = r["profile_ms"]
         lines.append(f"| {r['case']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | "
                      f"{r['step_ms']:.1f} | {p['data']:.1f} | {p['forward']:.1f} | {p['backward']:.1f} | "
-                     f"{p['allreduce']:.1f} | {p['optimizer']:.1f} |")
+                     f"{p['allreduce']:.1f} | {p['optimizer']:.1f} | {p['report']:.1f} | {p['other']:.1f} |")
     lines += ["", f"- 2 workers x 1 thread / 1 worker x 1 thread: **{ratios['two_workers']:.2f}x** (target >= 1.7x: "
                   f"{'met' if ratios['two_workers'] >= 1.7 else 'NOT met'})",
               f"- 1 worker x 2 threads / 1 worker x 1 thread: {ratios['two_threads']:.2f}x",
+              f"- 2 workers streamed (data.loader=stream) / 2 workers in memory: {ratios['stream_vs_memory']:.2f}x",
               "- section columns: per-step means (ms) on rank 0 (run.profile); all-reduce overlaps backward (it is "
-              "part of the backward column); step ms also holds the progress/metrics work between sections",
+              "part of the backward column); report: the metrics report every --log-every steps, per step; other: "
+              "step ms minus the disjoint sections (loop bookkeeping between them)",
               "", "Reproduce: `python benchmarks/train_scaling.py` (see --help)."]
     return "\n".join(lines)
 
@@ -103,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     storage = args.storage or tempfile.mkdtemp(prefix="train-scaling-")
     results = []
-    for label, workers, threads in CASES:
-        results.append(run_case(label, workers, threads, args, storage))
+    for label, workers, threads, loader in CASES:
+        results.append(run_case(label, workers, threads, loader, args, storage))
         print(f"[scaling] {label}: {results[-1]['samples_per_s']:.1f} samples/s", flush=True)
     base = results[0]["samples_per_s"]
-    ratios = {"two_workers": results[1]["samples_per_s"] / base, "two_threads": results[2]["samples_per_s"] / base}
+    ratios = {"two_workers": results[1]["samples_per_s"] / base, "two_threads": results[2]["samples_per_s"] / base,
+              "stream_vs_memory": results[3]["samples_per_s"] / results[1]["samples_per_s"]}
     md = markdown(results, args, ratios)
     print(md)
     write_results("train_scaling", {"args": vars(args), "results": results, "ratios": ratios}, md)

@@ -177,7 +177,8 @@ def _launch_phase(loop: Callable[[dict], Any], loop_config: dict, run: RunSectio
         save_config(full_config, storage.join(out_dir, "config.yaml"))
     loaders = resolve_loaders(datasets, loader, run)
     worker_config = {"loop_config": loop_config, "run": dataclasses.asdict(run), "run_dir": out_dir,
-                     "datasets": dict(datasets or {}), "loaders": loaders, "verbose": console.verbose()}
+                     "datasets": dict(datasets or {}), "loaders": loaders, "verbose": console.verbose(),
+                     "forward_metrics": bool(extra_callbacks)}
     latest = latest_checkpoint(out_dir)
     start = checkpoint_step(latest) if latest is not None else 0
     # What rank 0 does when it starts (drop rows after the checkpoint it resumes from), done here first so that
@@ -595,6 +596,8 @@ class TrainSession:
             self.world_size = ctx.get_world_size()
             self.device = ray.train.torch.get_device()
         self.verbose = bool(worker_config.get("verbose", False))
+        # Metrics-only reports go to Ray Train only when a callback (a Tune sweep) listens for them; see report().
+        self._forward_metrics = bool(worker_config.get("forward_metrics", True))
         self.metrics_uri = storage.join(self.run_dir, "metrics.jsonl")
         self._metric_lines: Optional[list[str]] = None
         self._tensorboard: Any = None  # SummaryWriter, made at the first report; False: not written
@@ -809,7 +812,21 @@ class TrainSession:
         """A barrier: every rank calls it at the same steps with the same request.
 
         `state` (a dict of state dicts, or a function that builds it) asks for a checkpoint at this step; every
-        rank passes it, only rank 0's is built and written. Metrics are rank 0's and written by rank 0."""
+        rank passes it, only rank 0's is built and written. Metrics are rank 0's and written by rank 0.
+
+        A report without `state` reaches Ray Train (`ray.train.report`) only when launch() was given callbacks
+        (Tune's TuneReportCallback reads them): Ray Train keeps no metrics-only result (Result.metrics comes from checkpointed reports), and its controller
+        collects a worker's reports from a one-result queue on its health-check poll (every 2 s), so each report
+        issued sooner than 2 s after the previous one blocked the loop until that poll (measured: ~1.2 s a report
+        at log_every=10 on the tiny DiT teacher, three quarters of its step time; docs/performance.md).
+        With run.profile the report's own time is a section too ("report", counted in the next report's means)."""
+        if self.profile is None:
+            return self._report(metrics, step, state, meta)
+        with self.profile.section("report"):
+            self._report(metrics, step, state, meta)
+
+    def _report(self, metrics: dict, step: int, state: Optional[dict | Callable[[], dict]],
+                meta: Optional[dict]) -> None:
         metrics = {k: _plain(v) for k, v in metrics.items()}
         if self.profile is not None:
             since = self._profiled_since if self._profiled_since is not None else self._checkpoint_step()
@@ -822,7 +839,7 @@ class TrainSession:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             self._say(f"[{self.run.name}] {shown}")
         if state is None:
-            if not self.local:
+            if not self.local and self._forward_metrics:
                 import ray.train
 
                 ray.train.report(metrics)

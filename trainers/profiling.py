@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
