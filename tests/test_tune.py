@@ -63,6 +63,19 @@ def test_tables_have_the_papers_shape():
     assert grid[2:] == ["| 0% | 30.00 | 28.00 |", "| 50% | 25.00 | 24.50 |", "| 70% | stopped at step 4 | — |"]
 
 
+def test_tables_end_with_the_measured_floor():
+    from tune.report import reference_table
+
+    space = get_space("ikddit")
+    rows = [{"mask_ratio": m, "status": STATUS_FINISHED, "steps": 10, "fid": f, "floor_fid": 0.123}
+            for m, f in [(0.0, 3.0), (0.5, 2.5)]]
+    rows.append({"mask_ratio": 0.7, "status": STATUS_STOPPED, "steps": 4, "fid": math.nan, "floor_fid": math.nan})
+    table = paper_table(rows, "mask_ratio", space, ScoreSettings(n=1000)).splitlines()
+    assert table[-1] == "| real floor (context-matched) | 0.12 |"
+    ref = reference_table(rows, "mask_ratio", space, ScoreSettings(n=1000)).splitlines()
+    assert ref[2] == "| 0% | 3.00 | 27.46 |" and ref[-1] == "| real floor (context-matched) | 0.12 | — |"
+
+
 def test_cli_dry_run_prints_the_grid(capsys):
     from apps.sweep import main
 

@@ -49,14 +49,18 @@ def prepare(cfg: Any, sweep_dir: str) -> Any:
 
 
 def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
-    """FID-N / KID of student samples (DDIM, the trial's mask ratio) against N held-out real maps.
+    """FID-N / KID and conditional fidelity of student samples (DDIM, the trial's mask ratio) against N held-out
+    real maps, and the context-matched real floor of FID-N (trainers/ikddit_eval.py: N real maps with the held-out
+    contexts and independent noise, scored with the same code; the same in every trial).
 
     The real maps come from the generator with data/seeds.OVERLAY_HELD_OUT, never a training seed; samples are
     conditioned on those maps' own equipment logs and IDs, so the score measures conditional generation too.
     """
     from data.seeds import OVERLAY_HELD_OUT, check_not_held_out
     from fabdistill.inference.ikddit import IKDDiTPipeline
-    from trainers.ikddit_eval import fid_kid, held_out_set, sample_held_out
+    from metrics.fid import load_domain_classifier
+    from metrics.overlay import conditional_fidelity
+    from trainers.ikddit_eval import fid_kid, floor_set, held_out_set, sample_held_out
 
     check_not_held_out(cfg.data.seed, "data.seed", OVERLAY_HELD_OUT)
     checkpoint = outcome.checkpoint_dir  # the final phase's
@@ -68,7 +72,10 @@ def score(outcome: TrainOutcome, cfg: Any, settings: ScoreSettings) -> dict:
                                   seed=settings.seed, batch_size=settings.batch_size,
                                   label=f"student mask {cfg.student.mask_ratio}")
     fid = fid_kid(maps, real)
+    floor = fid_kid(floor_set(settings.n, pipe.map_size, pipe.log_dim)["maps"], real)
+    fidelity = conditional_fidelity(maps, real["equipment_id"], load_domain_classifier("overlay"))
     return {"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
+            "cond_fidelity": fidelity, "floor_fid": floor["fid"],
             "maps_per_s": settings.n / max(spent, 1e-9), "feature_extractor": fid["feature_extractor"]}
 
 
@@ -77,7 +84,8 @@ SPACE = MethodSpace(
     knobs={"mask_ratio": "student.mask_ratio", "lambda1": "student.lambda1", "lambda2": "student.lambda2",
            "lr": "student.lr", "disc_lr": "student.disc_lr", "steps": "student.steps",
            "batch_size": "student.batch_size", "ema_decay": "student.ema_decay"},
-    labels={"mask_ratio": "Mask Ratio", "lambda1": "λ1", "lambda2": "λ2", "lr": "lr"},
+    labels={"mask_ratio": "Mask Ratio", "lambda1": "λ1", "lambda2": "λ2", "lr": "lr", "kid_mean": "KID",
+            "cond_fidelity": "cond. fidelity"},
     score_name="fid", score_mode="min", score_label="FID-{n}",
     # The total loss carries λ-weighted terms, so comparing it across λ values would favour small λ;
     # L_DSM is the term every trial shares.
@@ -87,5 +95,7 @@ SPACE = MethodSpace(
     # The paper's ablation (FID-15k on MPOM): best at 50 %, collapsing at 70 %.
     reference={"mask_ratio": {0.0: 27.46, 0.25: 26.06, 0.5: 24.66, 0.7: 123.85}},
     reference_label="paper FID-15k",
-    extra_scores=("kid_mean", "kid_std", "maps_per_s"),
+    extra_scores=("kid_mean", "kid_std", "cond_fidelity", "floor_fid", "maps_per_s"),
+    table_scores=("kid_mean", "cond_fidelity"),
+    floor_score="floor_fid", floor_label="real floor (context-matched)",
 )

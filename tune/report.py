@@ -92,12 +92,24 @@ def _cell(row: dict, space: MethodSpace) -> str:
     return row["status"]
 
 
+def floor_value(rows: list[dict], space: MethodSpace) -> Optional[float]:
+    """The real-data floor of the score (space.floor_score, the same in every finished trial), or None."""
+    if not space.floor_score:
+        return None
+    values = [r.get(space.floor_score, math.nan) for r in rows if r["status"] == STATUS_FINISHED]
+    return next((float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)), None)
+
+
 def paper_table(rows: list[dict], knob: str, space: MethodSpace, settings: ScoreSettings) -> str:
-    """`| Mask Ratio | FID-N |`: one row per trial, in knob order (the shape of the paper's ablation)."""
+    """`| Mask Ratio | FID-N |`: one row per trial, in knob order (the shape of the paper's ablation), and the
+    real-data floor's row when the method measures one."""
     label = space.label(knob)
     score = space.score_label.format(n=settings.n)
     lines = [f"| {label} | {score} |", f"| {'-' * len(label)} | {'-' * len(score)} |"]
     lines += [f"| {format_knob(knob, r[knob])} | {_cell(r, space)} |" for r in rows]
+    floor = floor_value(rows, space)
+    if floor is not None:
+        lines.append(f"| {space.floor_label} | {floor:.2f} |")
     return "\n".join(lines)
 
 
@@ -123,7 +135,7 @@ def full_table(rows: list[dict], knobs: list[str], space: MethodSpace, settings:
     score = space.score_label.format(n=settings.n)
     # The table shows the score and the first extra score (IKDDiT: KID; its spread over subsets is in the CSV);
     # every extra score is in the CSV/Parquet.
-    shown = list(space.extra_scores[:1])
+    shown = list(space.table_scores or space.extra_scores[:1])
     head = ["trial"] + [space.label(k) for k in knobs] + [score] + [space.label(k) for k in shown] + \
         [space.early_stop_metric, "steps", "status"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -152,6 +164,9 @@ def reference_table(rows: list[dict], knob: str, space: MethodSpace, settings: S
                      None)
         lines.append(f"| {format_knob(knob, r[knob])} | {_cell(r, space)} | "
                      f"{'—' if value is None else f'{value:.2f}'} |")
+    floor = floor_value(rows, space)
+    if floor is not None:
+        lines.append(f"| {space.floor_label} | {floor:.2f} | — |")
     return "\n".join(lines)
 
 

@@ -60,6 +60,10 @@ class MethodSpace:
     reference_label: str = ""             # where the reference numbers come from
     time_attr: str = "step"               # ASHA's progress measure: "step", or "training_iteration" (reports)
     extra_scores: tuple[str, ...] = ()    # more of score()'s numbers kept in the results (e.g. kid_mean, maps_per_s)
+    table_scores: tuple[str, ...] = ()    # extra scores shown in the all-trials table (default: the first one)
+    floor_score: str = ""                 # an extra score holding the real-data floor of the score at the same N
+                                          # (the same in every trial): shown as a row under the trials' scores
+    floor_label: str = "real floor"       # that row's name
     trial_cpus: Optional[Callable[[dict], float]] = None  # CPUs one trial's training takes, from the trial base
                                                           # config (default: run.num_workers × cpus_per_worker)
 
