@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core box, two threads contend and run slower)")
     p.add_argument("--storage", default="runs/bench-dmd2")
-    p.add_argument("--budget-min", type=float, default=20.0,
+    p.add_argument("--budget-min", type=float, default=25.0,
                    help="minutes for the three training runs on this (shared) machine: short probe runs measure the "
                         "seconds per step, and the config's step counts are lowered to fit (0: the config as is)")
     p.add_argument("--judge", default="", help="class-fidelity classifier checkpoint; empty: the committed wafer "
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
             few_iters = min(args.few_step_iters, timings.get("few_step_iters", args.few_step_iters))
             few = dataclasses.replace(cfg, phase="distill", teacher_checkpoint=teacher,
                                       distill=dataclasses.replace(cfg.distill, num_steps=4, steps=few_iters,
-                                                                  checkpoint_every=few_iters),
+                                                                  checkpoint_every=few_iters,
+                                                                  regression_weight=0.0),  # one-step only
                                       run=dataclasses.replace(cfg.run, name="wafer-4step"))
             generators.append(train(few).phase("distill").checkpoint_dir)
             timings["four_step_s"] = time.time() - t1
@@ -109,14 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def fit_budget(cfg, args, timings: dict):
     """Measure seconds per teacher step and per distillation iteration with short probe runs (in-process, the
-    benchmark's sizes), then lower the config's step counts so that teacher (55 %), one-step (30 %) and 4-step
+    benchmark's sizes), then lower the config's step counts so that teacher (40 %), one-step (45 %) and 4-step
     (15 %) generators fit args.budget_min. The steps used are printed and saved with the results."""
     from trainers.dmd2 import train
     from trainers.launch import read_metrics
 
     probe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="probe"),
                                 teacher=dataclasses.replace(cfg.teacher, steps=30, log_every=10, checkpoint_every=30),
-                                distill=dataclasses.replace(cfg.distill, steps=15, log_every=5, checkpoint_every=15))
+                                distill=dataclasses.replace(cfg.distill, steps=15, log_every=5, checkpoint_every=15,
+                                                            regression_pairs=min(cfg.distill.regression_pairs, 64)))
     out = train(probe)
 
     def per_step(run_dir: str) -> float:  # between the first and the last report: start-up excluded
@@ -125,8 +127,8 @@ def fit_budget(cfg, args, timings: dict):
 
     t_teacher, t_distill = per_step(out.phase("teacher").run_dir), per_step(out.phase("distill").run_dir)
     budget = args.budget_min * 60
-    teacher_steps = int(min(cfg.teacher.steps, 0.55 * budget / t_teacher))
-    distill_steps = int(min(cfg.distill.steps, 0.30 * budget / t_distill))
+    teacher_steps = int(min(cfg.teacher.steps, 0.40 * budget / t_teacher))
+    distill_steps = int(min(cfg.distill.steps, 0.45 * budget / t_distill))
     timings["few_step_iters"] = int(0.15 * budget / (1.5 * t_distill))  # backsim: up to 3 extra generator calls
     timings.update(probe_s_per_teacher_step=t_teacher, probe_s_per_distill_iter=t_distill,
                    teacher_steps=teacher_steps, distill_steps=distill_steps)

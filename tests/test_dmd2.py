@@ -143,6 +143,8 @@ def test_config_rejects_inconsistent_settings():
         load_config(Config, "configs/dmd2_tiny.yaml", ["distill.min_step_percent=0.9", "distill.max_step_percent=0.5"])
     with pytest.raises(ConfigError, match="num_steps"):
         load_config(Config, "configs/dmd2_tiny.yaml", ["distill.num_steps=5"])
+    with pytest.raises(ConfigError, match="regression_weight"):
+        load_config(Config, "configs/dmd2_tiny.yaml", ["distill.regression_weight=1", "distill.num_steps=2"])
     for path in ("configs/dmd2_tiny.yaml", "configs/dmd2_wafer.yaml", "configs/dmd2_sem.yaml"):
         load_config(Config, path)
 
@@ -190,6 +192,26 @@ def test_distill_loop_steps_the_generator_only_on_its_turns(tmp_path, monkeypatc
     assert log == ["gen", "fake", "fake", "fake", "gen", "fake", "fake", "fake", "gen", "fake"]
     (row,) = read_metrics(str(tmp_path / "dmd2-tiny-distill"))
     assert row["generator_updates"] == 3 and row["step"] == 7
+
+
+def test_regression_option_makes_teacher_pairs_and_fits_them(tmp_path):
+    """distill.regression_weight > 0: the loop reports loss_reg, which falls as G fits the teacher's pairs."""
+    import dataclasses
+
+    from trainers.dmd2 import Config, train
+
+    cfg = load_config(Config, "configs/dmd2_tiny.yaml", [
+        f"run.storage_path={tmp_path}", "run.num_workers=0", "data.num_train=32", "teacher.steps=2",
+        "teacher.batch_size=4", "phase=teacher"])
+    teacher = train(cfg).checkpoint_dir
+    cfg = dataclasses.replace(cfg, phase="distill", teacher_checkpoint=teacher, distill=dataclasses.replace(
+        cfg.distill, steps=40, batch_size=8, dfake_gen_update_ratio=1, regression_weight=10.0, regression_pairs=16,
+        gen_lr=2e-3, log_every=10, checkpoint_every=40, warmup_steps=0))
+    train(cfg)
+    rows = read_metrics(str(tmp_path / "dmd2-tiny-distill"))
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert all(math.isfinite(r["loss_reg"]) for r in rows)
+    assert rows[-1]["loss_reg"] < rows[0]["loss_reg"]
 
 
 # --------------------------------------------------------------------------- through the method interface

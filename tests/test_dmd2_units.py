@@ -21,7 +21,8 @@ from trainers.dmd2 import (REFERENCE_GEN_CLS_LOSS_WEIGHT, REFERENCE_GUIDANCE_CLS
                            dmd_timestep_range, edm_denoising_loss, edm_loss_weight, fake_objective,
                            fake_score_loss, few_step_sigmas,
                            gan_discriminator_loss, gan_generator_loss, gan_logits, generator_objective,
-                           generator_turn, generator_updates_before, sample_grid_sigma, update_plan)
+                           generator_turn, generator_updates_before, regression_loss, sample_grid_sigma,
+                           teacher_pairs, update_plan)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -469,3 +470,33 @@ def test_bf16_autocast_keeps_the_preconditioning_in_float32():
         feats = den.bottleneck(x, 1.0, torch.tensor([0, 1]))
     assert out.dtype == torch.float32 and feats.dtype == torch.bfloat16  # D in x's dtype, features as computed
     assert torch.allclose(out, ref, atol=0.05)  # bf16 backbone, float32 c_skip·x + c_out·F
+
+
+# ----------------------------------------------------------------------------------------- DMD's regression loss
+
+def test_regression_loss_hand_values_and_shape_errors():
+    x = torch.tensor([[[[1.0, 2.0]]], [[[0.0, -1.0]]]])  # (2, 1, 1, 2)
+    target = torch.tensor([[[[0.0, 2.0]]], [[[2.0, -1.0]]]])
+    # squared errors 1, 0, 4, 0 → mean 1.25
+    assert regression_loss(x, target).item() == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="must match"):
+        regression_loss(x, target[:1])
+    with pytest.raises(ValueError, match="x_gen"):
+        regression_loss(torch.tensor([1.0]), torch.tensor([1.0]))
+
+
+def test_teacher_pairs_are_the_heun_sample_in_batches_with_their_labels():
+    from models.edm import edm_heun_sample
+
+    seen: list[list[int]] = []
+
+    def denoiser(x, sigma, class_labels=None):  # D(x; σ) = x/(1+σ²) + label: a closed-form stand-in
+        seen.append(class_labels.tolist())
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) + class_labels.view(-1, 1, 1, 1).float()
+
+    z, y = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    pairs = teacher_pairs(denoiser, z, y, num_steps=3, batch_size=2)
+    assert seen[0] == [0, 1] and seen[-1] == [1]  # batches of 2, 2, 1 (5 calls each: 2·3 − 1 NFE)
+    assert len(seen) == 3 * 5
+    whole = edm_heun_sample(denoiser, z, num_steps=3, class_labels=y)
+    assert pairs.shape == z.shape and torch.allclose(pairs, whole, atol=1e-6)

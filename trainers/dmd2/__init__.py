@@ -32,7 +32,8 @@ from trainers.dmd2.losses import (REFERENCE_GEN_CLS_LOSS_WEIGHT, REFERENCE_GUIDA
                                   DMGrad, backward_simulation, distribution_matching, dm_gradient,
                                   dm_surrogate_loss, dmd_timestep_range, edm_denoising_loss, edm_loss_weight,
                                   fake_objective, fake_score_loss, few_step_sigmas, gan_discriminator_loss,
-                                  gan_generator_loss, gan_logits, generator_objective, sample_grid_sigma)
+                                  gan_generator_loss, gan_logits, generator_objective, regression_loss,
+                                  sample_grid_sigma, teacher_pairs)
 from trainers.dmd2.schedule import (UpdatePlan, check_ratio, generator_turn,  # noqa: F401
                                     generator_updates_before, update_plan)
 

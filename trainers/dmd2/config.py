@@ -66,6 +66,11 @@ class DistillSection:
     guidance_cls_loss_weight: float = knob(REFERENCE_GUIDANCE_CLS_LOSS_WEIGHT, ge=0, le=100,
                                            help="discriminator weight; too large collapses the fake score")
     diffusion_gan_max_timestep: int = knob(0, ge=0, le=1000, help="GAN on x + σn, t < this; 0: on x itself")
+    regression_weight: float = knob(0.0, ge=0, le=1000,
+                                    help="DMD's regression loss on (noise, teacher ODE sample) pairs (Eq. 9 (DMD)), "
+                                         "added to L_G; 0: off, as DMD2 (one-step only)")
+    regression_pairs: int = knob(2048, ge=1, le=10_000_000,
+                                 help="pairs per worker, made once by the teacher's Heun sampler (35 NFE)")
     num_steps: int = knob(1, ge=1, le=MAX_GENERATOR_STEPS, help="generator chain steps (2-4: few-step)")
     backward_simulation: bool = knob(True, help="few-step: train on the generator's own intermediate samples")
     ema_decay: float = knob(0.99, ge=0, lt=1, help="generator EMA (0: the raw weights are exported)")
@@ -97,6 +102,9 @@ class Config:
         if self.distill.num_steps > 1 and self.distill.conditioning_sigma != 80.0:
             raise ConfigError("a few-step generator starts from the grid's σ_max = 80: leave "
                               "distill.conditioning_sigma at 80")
+        if self.distill.regression_weight > 0 and self.distill.num_steps > 1:
+            raise ConfigError("distill.regression_weight applies to the one-step generator: set it to 0 with "
+                              f"distill.num_steps={self.distill.num_steps}")
         if self.data.domain == "sem" and self.data.image_size < 16:
             raise ConfigError("SEM images need data.image_size >= 16")
         reserved = {WAFER_HELD_OUT, HELD_OUT_SEEDS[self.data.domain], FLOOR_SEEDS[self.data.domain]}

@@ -5,6 +5,8 @@ the teacher; optionally a GAN head on D_fake's bottleneck. Per iteration i (0-ba
 
     generator turn (i % dfake_gen_update_ratio == 0):
         x = G(80·z; 80, y)                                  one step (few-step: G at backward-simulated x_k)
+        (+ w_reg · ‖G(80·z_p; 80, y_p) − x_p‖², distill.regression_weight > 0: DMD's paired-set regression, on
+        pairs the teacher's Heun sampler made once from (z_p, y_p) at the start)
         grad = (p_real − p_fake) / mean|p_real|,  p_• = x − D_•(x + σn),  σ = grid[t], t ~ U[20, 980]
         L_G = ½‖x − sg(x − grad)‖²_mean (+ w_G · softplus(−head(D_fake.bottleneck(x))))   fake + head frozen
     every iteration (fake turn), on sg(x):
@@ -30,7 +32,8 @@ from models.edm_unet import EDMDenoiser, GANHead, edm_denoiser_from_meta
 from trainers.common import Cadence, RunningMeans, derive_seed, ema_update, generator, infinite_batches, lr_at, set_lr
 from trainers.dmd2.losses import (backward_simulation, distribution_matching, dm_surrogate_loss, dmd_timestep_range,
                                   fake_objective, fake_score_loss, few_step_sigmas, gan_discriminator_loss,
-                                  gan_generator_loss, gan_logits, generator_objective, sample_grid_sigma)
+                                  gan_generator_loss, gan_logits, generator_objective, regression_loss,
+                                  sample_grid_sigma, teacher_pairs)
 from trainers.dmd2.schedule import generator_updates_before, update_plan
 from trainers.dmd2.teacher import encoded_shard
 from trainers.launch import TrainSession, autocast  # noqa: F401  (autocast: the shared helper, re-exported)
@@ -127,6 +130,8 @@ def distill_loop(config: dict) -> None:
                     if needs_real_data(dc) else None)
     b, shape, num_classes = dc["batch_size"], (1, config["net"]["image_size"], config["net"]["image_size"]), \
         config["net"]["num_classes"]
+    pairs = _regression_pairs(sess, real, dc, shape, num_classes, float(chain[0])) \
+        if dc.get("regression_weight", 0.0) > 0 else None
     cadence = Cadence(dc["log_every"], dc["checkpoint_every"], total)
     running = RunningMeans()
     amp = dc["bf16"] or sess.run.precision == "bf16"  # distill.bf16 (the reference's bf16) or the run's precision
@@ -155,7 +160,16 @@ def distill_loop(config: dict) -> None:
                 sig_in = torch.full((x_in.shape[0],), float(chain[j]), device=dev)
         if plan.generator:
             with autocast(amp, dev):
-                x_gen = gen_ddp(x_in, sig_in, y).float()  # (N, 1, H, W) with grad
+                x_p = None
+                if pairs is None:
+                    x_gen = gen_ddp(x_in, sig_in, y).float()  # (N, 1, H, W) with grad
+                else:  # and a separate batch of the paired set, as DMD; one forward (DDP: one per backward)
+                    idx = torch.randint(0, pairs["z"].shape[0], (b,), generator=gen)
+                    y_p, x_target = pairs["y"][idx].to(dev), pairs["x"][idx].to(dev)
+                    x_both = gen_ddp(torch.cat([x_in, pairs["z"][idx].to(dev) * chain[0]]),
+                                     torch.cat([sig_in, torch.full((b,), float(chain[0]), device=dev)]),
+                                     torch.cat([y, y_p])).float()
+                    x_gen, x_p = x_both[:b], x_both[b:]
                 _, sigma_dm = sample_grid_sigma(x_gen.shape[0], grid, lo, hi, gen, dev)
                 dm = distribution_matching(real, fake, x_gen, y, sigma_dm, generator=gen)
                 loss_dm = dm_surrogate_loss(x_gen, dm.grad.float())  # Eq. 1 (DMD2)
@@ -166,6 +180,10 @@ def distill_loop(config: dict) -> None:
                                                                  max_timestep=dc["diffusion_gan_max_timestep"],
                                                                  generator=gen))
                 loss_g = generator_objective(loss_dm, loss_gan, dc["gen_cls_loss_weight"])
+                loss_reg = None
+                if x_p is not None:
+                    loss_reg = regression_loss(x_p, x_target)  # Eq. 9 (DMD)
+                    loss_g = loss_g + dc["regression_weight"] * loss_reg
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             if dc["grad_clip"] > 0:
@@ -174,7 +192,8 @@ def distill_loop(config: dict) -> None:
             if ema is not None:
                 ema_update(ema, gen_net, dc["ema_decay"], step // ratio)  # warm-up counts generator updates
             running.add({"loss_dm": loss_dm, "dm_grad_abs": dm.grad.abs().mean(),
-                         **({"loss_gen_gan": loss_gan} if loss_gan is not None else {})})
+                         **({"loss_gen_gan": loss_gan} if loss_gan is not None else {}),
+                         **({"loss_reg": loss_reg} if loss_reg is not None else {})})
             x_gen = x_gen.detach()
         else:
             with torch.no_grad(), autocast(amp, dev):
@@ -196,6 +215,25 @@ def distill_loop(config: dict) -> None:
             metrics = {**running.pop(), "generator_updates": generator_updates_before(step, ratio)}
             sess.report(metrics, step=step, state=(lambda: _state(gen_net, ema, fake_obj, opt_g, opt_f))
                         if checkpoint else None, meta=_meta(config, step) if checkpoint else None)
+
+
+def _regression_pairs(sess: TrainSession, real: nn.Module, dc: dict, shape: tuple, num_classes: int,
+                      sigma_max: float) -> dict[str, Tensor]:
+    """DMD's paired set, made once per worker from its own seed (so a resumed run makes the same pairs): unit
+    noises z, labels y and the teacher's Heun 35-NFE samples x from σ_max·z, on the CPU."""
+    import time
+
+    n = dc["regression_pairs"]
+    gen = generator(sess.run.seed, "dmd2", "regression_pairs", sess.rank)
+    z = torch.randn((n, *shape), generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    t0 = time.perf_counter()
+    sess._say(f"[{sess.run.name}] regression pairs: teacher Heun 35 NFE on {n} noises")
+    # The generator sees σ_in·z; the Heun sampler starts from 80·(its latents): hand it z·σ_in/80.
+    with torch.no_grad():
+        x = teacher_pairs(real, (z * (sigma_max / 80.0)).to(sess.device), y.to(sess.device)).float().cpu()
+    sess._say(f"[{sess.run.name}] regression pairs ready in {time.perf_counter() - t0:.0f} s")
+    return {"z": z, "y": y, "x": x}
 
 
 def _state(gen_net: nn.Module, ema: Optional[nn.Module], fake_obj: nn.Module, opt_g, opt_f) -> dict:

@@ -47,6 +47,8 @@ __all__ = [
     "gan_discriminator_loss",
     "generator_objective",
     "fake_objective",
+    "regression_loss",
+    "teacher_pairs",
     "few_step_sigmas",
     "backward_simulation",
 ]
@@ -261,6 +263,36 @@ def fake_objective(loss_fake: Tensor, loss_cls: Tensor | None = None,
                    guidance_cls_loss_weight: float = REFERENCE_GUIDANCE_CLS_LOSS_WEIGHT) -> Tensor:
     """L_fake = L_denoise + w_D·L_GAN,D (the fake network and its head step together, as the reference)."""
     return loss_fake if loss_cls is None else loss_fake + guidance_cls_loss_weight * loss_cls
+
+
+####################################################################################################################
+# DMD's regression loss (off in DMD2; an option for short budgets)
+####################################################################################################################
+
+
+def teacher_pairs(teacher: Denoiser, noise: Tensor, class_labels: Tensor | None, *, num_steps: int = 18,
+                  batch_size: int = 256) -> Tensor:
+    """The teacher's deterministic ODE sample (Heun, 2·num_steps − 1 NFE, σ_max = 80) from each unit noise
+    (N, C, H, W): the targets of DMD's paired dataset, made in batches of batch_size without gradient."""
+    from models.edm import edm_heun_sample
+
+    out = []
+    for i in range(0, noise.shape[0], batch_size):
+        labels = None if class_labels is None else class_labels[i:i + batch_size]
+        out.append(edm_heun_sample(teacher, noise[i:i + batch_size], num_steps=num_steps, class_labels=labels))
+    return torch.cat(out)
+
+
+def regression_loss(x_gen: Tensor, x_teacher: Tensor) -> Tensor:
+    """Mean squared distance of G(z) to the teacher's ODE sample from the same z.
+
+    DMD uses LPIPS, an ImageNet network with no meaning on wafer maps or SEM images; the squared error is the
+    distance without a borrowed network."""
+    _check_batch(x_gen, "x_gen")
+    if x_gen.shape != x_teacher.shape:
+        raise ValueError(f"x_gen {tuple(x_gen.shape)} and x_teacher {tuple(x_teacher.shape)} must match")
+    # Eq. 9 (DMD): L_reg = E_(z,y) ℓ(G(z), y), ℓ = squared error here
+    return (x_gen.float() - x_teacher.float()).pow(2).mean()
 
 
 ####################################################################################################################
