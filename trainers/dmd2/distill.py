@@ -228,11 +228,13 @@ def _regression_pairs(sess: TrainSession, real: nn.Module, dc: dict, shape: tupl
     z = torch.randn((n, *shape), generator=gen)
     y = torch.randint(0, num_classes, (n,), generator=gen)
     t0 = time.perf_counter()
-    sess._say(f"[{sess.run.name}] regression pairs: teacher Heun 35 NFE on {n} noises")
+    if sess.rank == 0:  # a pause of tens of seconds before the first step: say why on the console too
+        print(f"[{sess.run.name}] regression pairs: teacher Heun 35 NFE on {n} noises", flush=True)
     # The generator sees σ_in·z; the Heun sampler starts from 80·(its latents): hand it z·σ_in/80.
     with torch.no_grad():
         x = teacher_pairs(real, (z * (sigma_max / 80.0)).to(sess.device), y.to(sess.device)).float().cpu()
-    sess._say(f"[{sess.run.name}] regression pairs ready in {time.perf_counter() - t0:.0f} s")
+    if sess.rank == 0:
+        print(f"[{sess.run.name}] regression pairs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return {"z": z, "y": y, "x": x}
 
 
