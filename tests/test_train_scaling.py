@@ -73,3 +73,17 @@ def test_the_allreduce_hook_registers_on_ddp_and_times_every_bucket(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_growth_table_lists_tokens_and_sorts_by_map_then_batch():
+    import argparse
+
+    from benchmarks.train_scaling import growth_markdown
+
+    rows = [{"map_size": 32, "batch": 256, "step_ms": 20.0, "samples_per_s": 12800.0},
+            {"map_size": 16, "batch": 128, "step_ms": 5.0, "samples_per_s": 25600.0},
+            {"map_size": 32, "batch": 128, "step_ms": 10.0, "samples_per_s": 12800.0}]
+    lines = growth_markdown(rows, argparse.Namespace(size="tiny"))
+    table = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert table == ["| 16 | 16 | 128 | 5.0 | 25600.0 |", "| 32 | 64 | 128 | 10.0 | 12800.0 |",
+                     "| 32 | 64 | 256 | 20.0 | 12800.0 |"]
