@@ -82,6 +82,43 @@ def drive(port: int, bodies: list[list[bytes]], duration: float, warmup: float) 
             "latency_mean_ms": round(1000 * float(lat.mean()), 1)}
 
 
+def drive_handle(handle, payloads: list[list[dict]], duration: float, warmup: float) -> dict:
+    """As `drive`, with asyncio clients calling the student deployment's handle (no HTTP proxy or ingress): what
+    the replica's batching gives when the HTTP layer does not share its CPUs."""
+    import asyncio
+
+    async def client(mine: list[dict], start: float, deadline: float, out: list, errors: list) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            reply = await handle.run.remote("generate", mine[i % len(mine)])
+            i += 1
+            t1 = time.perf_counter()
+            if getattr(reply, "status", 200) != 200:
+                errors.append(f"status {reply.status}")
+            elif start <= t1 <= deadline:
+                out.append((t0, t1))
+
+    async def run_all() -> tuple[list, list]:
+        now = time.perf_counter()
+        start, deadline = now + warmup, now + warmup + duration
+        results: list[list] = [[] for _ in payloads]
+        errors: list[str] = []
+        await asyncio.gather(*[client(p, start, deadline, results[k], errors) for k, p in enumerate(payloads)])
+        return results, errors
+
+    results, errors = asyncio.run(run_all())
+    spans = [s for r in results for s in r]
+    if not spans:
+        raise RuntimeError(f"no request completed; errors: {errors[:5]}")
+    lat = np.array([t1 - t0 for t0, t1 in spans])
+    return {"requests": len(spans), "errors": len(errors), "error_examples": sorted(set(errors))[:3],
+            "window_s": round(duration, 2), "throughput_rps": round(len(spans) / duration, 3),
+            "latency_p50_ms": round(1000 * float(np.percentile(lat, 50)), 1),
+            "latency_p99_ms": round(1000 * float(np.percentile(lat, 99)), 1),
+            "latency_mean_ms": round(1000 * float(lat.mean()), 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=1, help="maps per request")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    parser.add_argument("--via", choices=("http", "handle"), default="http",
+                        help="http: clients on the HTTP proxy (the deployment as users reach it); handle: asyncio "
+                             "clients on the student's deployment handle, no proxy or ingress on the shared CPUs")
     parser.add_argument("--replica-cpus", type=float, default=1.0,
                         help="ray_actor_options.num_cpus of the student replica")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
@@ -112,10 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = args.checkpoint or str(write_tiny_student(Path(tmp.name) / "student"))
     logs, ids = equipment_logs(64, seed=7)
     # Each client cycles through 16 requests of its own (real equipment logs, distinct seeds).
-    bodies = [[json.dumps({"equipment_log": logs[(c * 7 + j) % 64].tolist(),
-                           "equipment_id": int(ids[(c * 7 + j) % 64]),
-                           "n": args.n, "steps": args.steps, "seed": c * 1000 + j}).encode() for j in range(16)]
-              for c in range(args.clients)]
+    payloads = [[{"equipment_log": logs[(c * 7 + j) % 64].tolist(), "equipment_id": int(ids[(c * 7 + j) % 64]),
+                  "n": args.n, "steps": args.steps, "seed": c * 1000 + j} for j in range(16)]
+                for c in range(args.clients)]
+    bodies = [[json.dumps(p).encode() for p in mine] for mine in payloads]
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -135,9 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
             load_before = os.getloadavg()[0]
             print(f"[serve_load] {mode}: max_batch_size={max_batch_size}, {args.clients} clients, "
                   f"{args.duration:.0f} s (+{args.warmup:.0f} s warm-up) ...", flush=True)
-            row = drive(port, bodies, args.duration, args.warmup)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=30) as resp:
-                described = json.loads(resp.read())["students"]["ikddit"]["stats"]
+            if args.via == "handle":
+                handle = serve.get_deployment_handle(IKDDiTStudent.__name__, app_name="serve-load")
+                row = drive_handle(handle, payloads, args.duration, args.warmup)
+                described = handle.describe.remote().result()["stats"]
+            else:
+                row = drive(port, bodies, args.duration, args.warmup)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=30) as resp:
+                    described = json.loads(resp.read())["students"]["ikddit"]["stats"]
             row.update({"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait,
                         "mean_requests_per_batch": described["mean_batch_requests"],
                         "load_avg_1m_before": round(load_before, 2)})
@@ -155,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "serve_load",
         "checkpoint": args.checkpoint or "tiny IKDDiT student (tests/ikddit_fixture.py)",
-        "clients": args.clients, "duration_s": args.duration, "steps": args.steps, "n": args.n,
+        "via": args.via, "clients": args.clients, "duration_s": args.duration, "steps": args.steps, "n": args.n,
         "replica_cpus": args.replica_cpus, "rows": rows,
         "throughput_ratio_batched_over_unbatched": round(b["throughput_rps"] / u["throughput_rps"], 2),
         "p50_latency_ratio_unbatched_over_batched": round(u["latency_p50_ms"] / b["latency_p50_ms"], 2),
@@ -165,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "serve_load.md").write_text(markdown(result))
+    name = "serve_load" if args.via == "http" else "serve_load_handle"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 
@@ -176,7 +222,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Serve load: IKDDiT student, batched vs unbatched",
         "",
-        f"{result['clients']} concurrent clients on 127.0.0.1, {result['duration_s']:.0f} s per mode, "
+        f"{result['clients']} concurrent clients "
+        f"{'on 127.0.0.1' if result.get('via', 'http') == 'http' else 'on the deployment handle (no HTTP)'}, {result['duration_s']:.0f} s per mode, "
         f"{result['steps']} DDIM steps, {result['n']} map(s) per request, one replica with "
         f"{result['replica_cpus']} CPU; {result['checkpoint']}. "
         f"Machine: {result['machine']['cpu_count']} CPUs, Ray {result['machine']['ray']}, "
@@ -192,7 +239,8 @@ def markdown(result: dict) -> str:
     lines += ["",
               f"Throughput batched / unbatched: **{result['throughput_ratio_batched_over_unbatched']}x**; "
               f"p50 latency unbatched / batched: {result['p50_latency_ratio_unbatched_over_batched']}x.",
-              "", "Reproduce: `python -m benchmarks.serve_load` (see --help).", ""]
+              "", "Reproduce: `python -m benchmarks.serve_load"
+              f"{'' if result.get('via', 'http') == 'http' else ' --via handle'}` (see --help).", ""]
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ import pkgutil
 import re
 import sys
 import threading
+import time
 from typing import Any, ClassVar, Hashable, Optional, Union
 
 import torch
@@ -256,6 +257,7 @@ class StudentServer:
                                     batch_wait_timeout_s=self.args.batch_wait_timeout_s)(self._enqueue)
         self._pending: collections.deque = collections.deque()  # (item, future) waiting for the model
         self._drainer: Optional[asyncio.Task] = None
+        self._last_call = (0.0, 0.0, 0)  # (end on time.perf_counter, seconds it took, requests it took)
         self._stats_lock = threading.Lock()
         self._stats = {"batches": 0, "requests": 0, "samples": 0, "forward_groups": 0}
         self._recent_batches: collections.deque = collections.deque(maxlen=64)  # requests per batch
@@ -286,6 +288,7 @@ class StudentServer:
         requests pile up and the next call takes them together (continuous batching)."""
         loop = asyncio.get_running_loop()
         while self._pending:
+            await self._linger()
             taken = []
             while self._pending and len(taken) < self.args.max_batch_size:
                 item, future = self._pending.popleft()
@@ -293,6 +296,7 @@ class StudentServer:
                     taken.append((item, future))
             if not taken:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(None, self._compute, [item for item, _ in taken])
             except Exception as exc:  # every request of the call gets the error (the ingress answers 500)
@@ -300,9 +304,24 @@ class StudentServer:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                ended = time.perf_counter()
+                self._last_call = (ended, ended - started, len(taken))
             for (_, future), result in zip(taken, results):
                 if not future.done():
                     future.set_result(result)
+
+    async def _linger(self) -> None:
+        """Closed-loop clients come back one round trip after their replies; a request that arrives first (a
+        straggler of the last call) would otherwise start a call of its own, and the returning clients wait
+        that whole call out: calls alternate between nearly full and nearly empty. So a call that would start
+        within batch_linger_s (at most a quarter of the last call's time) of the last one's end waits until as
+        many requests as that call took are here. One client at a time never waits: one request is that many."""
+        end, took_s, took_n = self._last_call
+        deadline = end + min(self.args.batch_linger_s, 0.25 * took_s)
+        want = min(took_n, self.args.max_batch_size)
+        while len(self._pending) < want and time.perf_counter() < deadline:
+            await asyncio.sleep(0.002)
 
     def _compute(self, items: list[tuple[str, Any]]) -> list[Any]:
         results: list[Any] = [None] * len(items)
@@ -339,6 +358,7 @@ class StudentServer:
                 "routes": routes_of(type(self.model)),
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+                             "batch_linger_s": self.args.batch_linger_s,
                              "max_batch_samples": self.args.max_batch_samples},
                 "stats": stats}
 

@@ -84,6 +84,9 @@ class StudentArgs(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda if visible")
     max_batch_size: int = Field(32, ge=1, le=1024, description="requests per batch; 1 turns batching off")
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0, description="wait for a batch to fill")
+    batch_linger_s: float = Field(0.1, ge=0.0, le=5.0,
+                                  description="after a model call, wait up to this long (at most a quarter of that "
+                                              "call's time) for its answered clients to return; 0: off")
     max_batch_samples: int = Field(256, ge=1, le=65536, description="maps per forward pass (chunks a batch)")
     max_n: int = Field(64, ge=1, le=4096, description="maps per request")
     max_steps: int = Field(250, ge=1, le=4000, description="sampler steps per request")

@@ -423,3 +423,32 @@ def test_busy_batches_merge_and_failures_reach_every_request():
     assert bad.status == 422 and b"x: Input should be a valid integer" in bad.content
     unknown = asyncio.run(StudentServer(EchoStudent, {"checkpoint": "mem://echo"}).run("triple", {"x": 7}))
     assert unknown.status == 404
+
+
+def test_a_straggler_waits_for_the_clients_the_last_call_answered():
+    """Closed-loop clients return one round trip after their replies. A request that arrives first must not
+    start a call of its own while the others are on their way (calls would then alternate full / nearly
+    empty): within batch_linger_s of the last call, the next call waits for as many requests as that call
+    took. With batch_linger_s=0 the straggler runs alone."""
+    import asyncio
+
+    from serve.framework import StudentServer
+
+    class SlowEcho(EchoStudent):
+        delay_s = 0.5
+        calls: list[int] = []
+
+    async def traffic(linger: float) -> list:
+        server = StudentServer(SlowEcho, {"checkpoint": "mem://echo", "batch_linger_s": linger})
+        first = await server._enqueue([("double", Echo(x=1)), ("double", Echo(x=2))])  # one call of two
+        await asyncio.gather(*first)
+        straggler = await server._enqueue([("double", Echo(x=3))])
+        await asyncio.sleep(0.01)  # the other client's round trip
+        second = await server._enqueue([("double", Echo(x=4))])
+        return await asyncio.gather(*first, *straggler, *second)
+
+    assert asyncio.run(traffic(0.2)) == [2, 4, 6, 8]
+    assert SlowEcho.calls == [2, 2]
+    SlowEcho.calls.clear()
+    assert asyncio.run(traffic(0.0)) == [2, 4, 6, 8]
+    assert SlowEcho.calls == [2, 1, 1]
