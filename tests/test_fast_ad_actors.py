@@ -148,6 +148,9 @@ def test_killed_actors_restart_and_the_loop_carries_on(ray_cluster, checkpoints)
     assert s["buffer"]["per_worker"][0] > events["worker0_before"]
     # the learner was restarted and resumed from its checkpoint, not from step 0
     assert s["restarted"] is True
-    assert s["restored_step"] is not None and 20 <= s["restored_step"] <= events["learner_step_at_kill"]
+    # learner_step_at_kill is the progress the driver's last tick saw (up to loop.log_every_s old), and the kill
+    # lands asynchronously: the learner may write one or two more checkpoints (every 20 steps) before it dies
+    assert s["restored_step"] is not None and s["restored_step"] % 20 == 0
+    assert 20 <= s["restored_step"] <= events["learner_step_at_kill"] + 2 * 20
     assert s["step"] > s["restored_step"]
     assert not _our_live_actors()
