@@ -175,6 +175,7 @@ def test_gaussian_smoothing_keeps_constants_and_mass():
     ({"phases": "cdldm"}, "needs the VAE"),
     ({"data": {"seed": SEM_HELD_OUT}}, "held-out"),
     ({"inference": {"t0": 999}, "diffusion": {"num_timesteps": 500}}, "must be < diffusion.num_timesteps"),
+    ({"vae": {"subpixel": True, "downsample": 1}}, "vae.subpixel needs vae.downsample >= 2"),
 ])
 def test_config_errors_name_the_problem(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -71,6 +71,56 @@ def test_vae_latent_overrides_meta_and_scale_round_trip():
     assert torch.allclose(again.unscale_latent(again.scale_latent(z)), z)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+def test_subpixel_vae_keeps_shapes_learns_and_runs_nothing_at_full_resolution(factor):
+    torch.manual_seed(0)
+    vae = build_vae("tiny", image_size=16, downsample=factor, subpixel=True)
+    x = torch.randn(2, 1, 16, 16)
+    recon, mean, _ = vae(x)
+    assert recon.shape == x.shape and mean.shape == (2, 4, 16 // factor, 16 // factor)
+    recon.square().mean().backward()
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    # every convolution sees at most half the image's side: that is where the saving comes from
+    seen: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+             for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    vae(x)
+    for h in hooks:
+        h.remove()
+    assert max(seen) == 8 and len(seen) > 10
+    plain = build_vae("tiny", image_size=16, downsample=factor)
+    assert sum(1 for m in plain.modules() if isinstance(m, torch.nn.Conv2d)) \
+        > sum(1 for m in vae.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_subpixel_vae_meta_round_trip_and_old_checkpoints_load_as_plain():
+    vae = build_vae("tiny", image_size=16, downsample=4, subpixel=True)
+    again = vae_from_meta(vae.meta())
+    again.load_state_dict(vae.state_dict())
+    assert again.spec.subpixel and again.spec == vae.spec
+    old = build_vae("tiny", image_size=16).meta()
+    del old["spec"]["subpixel"]  # metadata written before the option existed
+    assert vae_from_meta(old).spec.subpixel is False
+    with pytest.raises(ValueError, match="subpixel needs a downsampling factor"):
+        build_vae("tiny", image_size=16, downsample=1, subpixel=True)
+
+
+def test_decoder_res_blocks_sets_the_decoder_depth_and_round_trips():
+    from models.vae import ResBlock
+
+    def blocks(net: torch.nn.Module) -> int:
+        return sum(isinstance(m, ResBlock) for m in net.modules())
+
+    default = build_vae("tiny", image_size=16, downsample=4)  # 3 levels, 1 block each in the encoder
+    assert blocks(default.encoder) == 3 + 2 and blocks(default.decoder) == 2 + 3 * 2  # + the two middle blocks
+    light = build_vae("tiny", image_size=16, downsample=4, decoder_res_blocks=1)
+    assert blocks(light.decoder) == 2 + 3 and blocks(light.encoder) == blocks(default.encoder)
+    assert light(torch.randn(2, 1, 16, 16))[0].shape == (2, 1, 16, 16)
+    assert vae_from_meta(light.meta()).spec.decoder_res_blocks == 1
+    with pytest.raises(ValueError, match="decoder_res_blocks must be >= 0"):
+        build_vae("tiny", decoder_res_blocks=-2)
+
+
 def test_vae_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown VAE size"):
         build_vae("huge")
