@@ -147,7 +147,7 @@ class Phase:
 class VAEPhase(Phase):
     def build(self) -> nn.Module:
         sc, over = self.sc, ({"base_channels": self.sc["base_channels"]} if self.sc["base_channels"] else {})
-        over.update(subpixel=bool(sc.get("subpixel", False)), decoder_res_blocks=int(sc.get("decoder_res_blocks", -1)))
+        over.update(subpixel=sc["subpixel"], decoder_res_blocks=sc["decoder_res_blocks"])
         vae = build_vae(sc["size"], 1, self.config["image_size"], latent_channels=sc["latent_channels"],
                         downsample=sc["downsample"], **over)
         return VAEObjective(vae, sc["kl_weight"])
