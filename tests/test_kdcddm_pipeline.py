@@ -91,9 +91,10 @@ def test_apps_evaluate_and_sample_through_the_method(trained, tmp_path, capsys):
     evaluate_main(["kdcddm", "--checkpoint", f"run={storage}/t", "--n", "8", "--set", "n_validation=8",
                    "--set", "batch_size=4", "--out", str(out)])
     table = json.loads((out / "table.json").read_text())
-    assert [r["model"] for r in table["rows"]] == list(MODELS)
+    assert [r["model"] for r in table["rows"]] == list(MODELS) + ["real_twin", "random"]  # + the model-free rows
     for r in table["rows"]:
-        assert all(0.0 <= r[k] <= 1.0 for k in ("auroc", "ap", "pro", "iou", "dice")) and r["images_per_s"] > 0
+        assert all(0.0 <= r[k] <= 1.0 for k in ("auroc", "ap", "pro", "iou", "dice"))
+        assert r["images_per_s"] > 0 if r["model"] in MODELS else r["images_per_s"] is None
     assert (out / "examples.png").stat().st_size > 0 and "pixel AUROC" in capsys.readouterr().out
     from fabdistill.reports import linked_pictures
 
@@ -142,9 +143,23 @@ def test_wafer_domain_runs_through_the_same_commands(tmp_path, capsys):
     evaluate_main(["kdcddm", "--checkpoint", f"run={tmp_path}/w", "--n", "8", "--set", "n_validation=8",
                    "--out", str(tmp_path / "eval")])
     table = json.loads((tmp_path / "eval" / "table.json").read_text())
-    assert table["extras"]["domain"] == "wafer" and len(table["rows"]) == len(MODELS)
+    assert table["extras"]["domain"] == "wafer" and len(table["rows"]) == len(MODELS) + 2
     sample_main(["kdcddm", "--checkpoint", f"{tmp_path}/w-student", "--out", str(tmp_path / "s"), "--n", "2"])
     assert (tmp_path / "s" / "grid.png").exists()
+
+
+@pytest.mark.parametrize("domain", ["sem", "wafer"])
+def test_reference_rows_bracket_the_models_real_twin_ceiling_and_random_floor(domain):
+    from fabdistill.inference.kdcddm import held_out_pairs
+    from trainers.kdcddm.evaluate import reference_rows
+
+    test, val = held_out_pairs(domain, 32, 32, "test"), held_out_pairs(domain, 16, 32, "validation")
+    rows = {r["model"]: r for r in reference_rows(test, val, 1.0)}
+    # the synthetic twins differ from the inputs exactly on the mask: only the smoothing blurs the ceiling
+    assert rows["real_twin"]["auroc"] > 0.95 and rows["real_twin"]["iou"] > 0.6
+    assert 0.4 < rows["random"]["auroc"] < 0.6 and rows["random"]["iou"] < rows["real_twin"]["iou"] / 3
+    sharp = {r["model"]: r for r in reference_rows(test, val, 0.0)}
+    assert sharp["real_twin"]["iou"] == pytest.approx(1.0, abs=0.005) and sharp["real_twin"]["auroc"] > 0.995
 
 
 def test_wafer_clean_twin_and_mask_from_the_pattern():

@@ -6,6 +6,11 @@ For each model (ICDDM, ICDDM-unpaired, CDLDM, KDCDDM, the AE-reconstruction base
     metrics    pixel AUROC, AP, PRO (FPR ≤ 0.3), pooled IoU and Dice at that threshold, on `n` test images
                (seed SEM_HELD_OUT / data.seeds.WAFER_HELD_OUT), never seen by training or by the threshold
     images/s   scoring throughput (translation + score map) at the same batch size, one process
+
+Two reference rows need no model (`references`, on by default): "real clean twin" scores |defect − its real clean
+twin| (real vs real: what a perfect translation would give, so the ceiling of every translation model) and
+"random score" scores uniform noise (the chance floor); both are smoothed like the models and thresholded on the
+same validation split.
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ import dataclasses
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from fabdistill.config import knob
-from fabdistill.inference.kdcddm import MODELS, Segmenter, held_out_pairs
+from fabdistill.inference.kdcddm import MODELS, Segmenter, gaussian_smooth, held_out_pairs
 from fabdistill.methods import EvalTable
 
 ROLES = ("run",) + MODELS
 LABELS = {"icddm": "ICDDM (pixel)", "icddm_unpaired": "ICDDM-unpaired (t₀)", "cdldm": "CDLDM (teacher)",
           "kdcddm": "KDCDDM (student)", "ae": "AE reconstruction (baseline)",
           "supervised": "supervised UNet (upper bound)"}
+REFERENCE_LABELS = {"real_twin": "real clean twin (translation ceiling)", "random": "random score (floor)"}
 
 
 @dataclasses.dataclass
@@ -38,6 +45,7 @@ class EvalSettings:
     recalibrate: bool = knob(True, help="choose thresholds on the validation split now (with these settings)")
     batch_size: int = knob(64, ge=1, le=65536, help="images per forward pass, the same for every model")
     seed: int = knob(0, ge=0, help="sampling seed")
+    references: bool = knob(True, help="add the real-clean-twin ceiling and the random-score floor rows")
 
 
 def columns() -> dict[str, tuple[str, str]]:
@@ -100,6 +108,10 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
         pictures[model] = {"score": scores[:6], "pred": scores[:6] >= threshold}
         if cleans is not None:
             pictures[model]["translation"] = cleans[:6, 0]
+    if settings.references:
+        sigma = settings.smooth_sigma if settings.smooth_sigma is not None else \
+            next(iter(pipes.values())).settings.smooth_sigma
+        rows += reference_rows(test, val, sigma, settings.seed)
     table = EvalTable(title=f"KDCDDM on {settings.n} held-out {domain} images ({size}×{size}), thresholds from "
                             f"{settings.n_validation} validation images", columns=columns(), rows=rows,
                       notes=notes(rows, settings), extras={"n": settings.n, "domain": domain, "targets": targets(rows),
@@ -107,6 +119,25 @@ def evaluate(checkpoints: dict[str, str], settings: Optional[EvalSettings] = Non
     if out_dir:
         table.report_path = write_report(out_dir, table, test, pictures, models)
     return table
+
+
+def reference_rows(test: dict[str, torch.Tensor], val: dict[str, torch.Tensor], smooth_sigma: float,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The model-free rows (module doc): real clean twin and random score, thresholds chosen on `val`."""
+    from metrics.segmentation import choose_threshold, segmentation_metrics
+
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = []
+    for key, label in REFERENCE_LABELS.items():
+        def score(split: dict[str, torch.Tensor]) -> np.ndarray:
+            raw = (split["defect"] - split["clean"]).abs() if key == "real_twin" else \
+                torch.rand(split["defect"].shape, generator=gen)
+            return gaussian_smooth(raw.float(), smooth_sigma)[:, 0].numpy()  # (N, H, W)
+
+        threshold = choose_threshold(score(val), val["mask"][:, 0].numpy() > 0.5)
+        rows.append({"model": key, "label": label, "threshold": threshold, "images_per_s": None,
+                     **segmentation_metrics(score(test), test["mask"][:, 0].numpy() > 0.5, threshold)})
+    return rows
 
 
 def _by(rows: list[dict]) -> dict[str, dict]:
